@@ -1,0 +1,35 @@
+# Two commands: `make serve` and `make test`. Both set everything up on a fresh machine.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# The CPU build of torch; installed first so that no dependency range can pull a CUDA build.
+TORCH_SPEC := torch==2.13.0
+
+.PHONY: serve test lint typecheck unit e2e schemas bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) -e '.[dev]'
+	touch $(STAMP)
+
+serve: $(STAMP)
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/serve run serve_config.yaml
+
+lint: $(STAMP)
+	$(BIN)/ruff check ourvidz_serve tests benchmarks
+	$(BIN)/ruff format --check ourvidz_serve tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test: lint typecheck
+	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra
+
+schemas: $(STAMP)
+	$(BIN)/python -m ourvidz_serve.schemas
+
+clean:
+	rm -rf $(VENV) .ourvidz .pytest_cache .mypy_cache .ruff_cache

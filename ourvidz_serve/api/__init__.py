@@ -1,0 +1,1 @@
+"""The HTTP front: app factory, authentication, error mapping and the small routes."""

@@ -1,0 +1,26 @@
+"""FastAPI dependencies shared by the routers."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from ourvidz_serve.api.state import AppState
+from ourvidz_serve.errors import ServiceUnavailable
+from ourvidz_serve.jobs.service import Principal
+
+
+def get_state(request: Request) -> AppState:
+    state = getattr(request.app.state, "ourvidz", None)
+    if state is None:
+        raise ServiceUnavailable("the service is still starting")
+    assert isinstance(state, AppState)
+    return state
+
+
+def require_principal(
+    state: Annotated[AppState, Depends(get_state)],
+    authorization: Annotated[str | None, Header()] = None,
+) -> Principal:
+    return state.authenticator.authenticate(authorization)

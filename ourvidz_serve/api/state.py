@@ -1,0 +1,24 @@
+"""What a running app holds: opened in the lifespan, reached by routes through dependencies."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ourvidz_serve.api.auth import Authenticator
+from ourvidz_serve.dispatch.dispatcher import Dispatcher
+from ourvidz_serve.dispatch.model_client import ModelClient
+from ourvidz_serve.jobs.service import JobService
+from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.settings import Settings
+from ourvidz_serve.storage import Storage
+
+
+@dataclass
+class AppState:
+    settings: Settings
+    repository: JobRepository
+    storage: Storage
+    models: ModelClient
+    jobs: JobService
+    dispatcher: Dispatcher
+    authenticator: Authenticator

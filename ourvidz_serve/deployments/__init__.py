@@ -1,0 +1,1 @@
+"""Ray Serve deployments: thin wrappers around the pipelines and the HTTP app."""

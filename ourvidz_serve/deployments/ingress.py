@@ -1,0 +1,27 @@
+"""The ingress deployment: the FastAPI app (routes, dispatcher) inside a Serve replica."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from ourvidz_serve.api.app import create_app
+from ourvidz_serve.deployments.client import RayModelClient
+from ourvidz_serve.settings import Settings
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class IngressDeployment:
+    def __init__(
+        self,
+        settings: Settings,
+        sdxl: DeploymentHandle,
+        wan: DeploymentHandle,
+        enhancer: DeploymentHandle,
+    ) -> None:
+        self._app = create_app(settings, RayModelClient(sdxl, wan, enhancer))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return self._app

@@ -1,0 +1,1 @@
+"""The jobs feature: request models, planning, the service and its HTTP routes."""

@@ -1,0 +1,173 @@
+"""Turning a validated request into the rows a submission writes (no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from ourvidz_serve.catalog import (
+    JOB_TYPES,
+    WAN_FPS,
+    WAN_SAMPLE_SHIFT,
+    WAN_SAMPLE_SOLVER,
+    JobTypeSpec,
+    ModelFamily,
+    OutputFormat,
+    expected_generation_time,
+    nearest_wan_frame_count,
+)
+from ourvidz_serve.jobs.protocol import MAX_SEED, AssetKind, JobRequest
+from ourvidz_serve.prompts import generate_negative_prompt_for_sdxl, prompt_stats
+from ourvidz_serve.storage import asset_key
+
+REFERENCE_BUCKET = "reference_images"
+
+
+@dataclass(frozen=True)
+class AssetPlan:
+    index: int
+    seed: int
+    bucket: str
+    path: str
+    metadata: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    job_id: UUID
+    user_id: UUID
+    spec: JobTypeSpec
+    prompt: str
+    metadata: dict[str, Any]
+    assets: list[AssetPlan]
+    project_id: UUID | None = None
+    video_id: UUID | None = None
+    image_id: UUID | None = None
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    asset_kind: AssetKind = field(default=AssetKind.IMAGE)
+
+
+def asset_seed(job_seed: int, index: int) -> int:
+    """The contract's seed rule: image ``i`` of a job with seed ``S`` uses ``S + i`` mod 2^32."""
+    return (job_seed + index) % (MAX_SEED + 1)
+
+
+def request_fingerprint(request: JobRequest, user_id: UUID) -> str:
+    """Stable hash of what was asked, to tell a retried submission from a different one."""
+    body = request.model_dump(mode="json", exclude_none=True) | {"user_id": str(user_id)}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def plan_job(
+    request: JobRequest,
+    user_id: UUID,
+    *,
+    idempotency_key: str | None = None,
+    job_id: UUID | None = None,
+    now: datetime | None = None,
+) -> JobPlan:
+    spec = JOB_TYPES[request.job_type]
+    job_id = job_id or uuid4()
+    seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
+    num_images = request.num_images or 1
+    generated_at = (now or datetime.now(UTC)).isoformat()
+
+    system: dict[str, Any] = {
+        "prompt": request.prompt,
+        "job_type": spec.job_type,
+        "model_variant": spec.model_variant,
+        "queue": spec.queue.value,
+        "bucket": spec.bucket,
+        "seed": seed,
+        "num_images": num_images,
+        "enhanced": spec.enhanced,
+        "expected_generation_time": expected_generation_time(spec, num_images),
+        "content_type": spec.content_type,
+        "file_extension": spec.file_extension,
+        "width": spec.width,
+        "height": spec.height,
+        "submitted_at": generated_at,
+        **prompt_stats(request.prompt),
+    }
+    if spec.model is ModelFamily.SDXL:
+        negative = request.negative_prompt
+        if negative is None:
+            negative = generate_negative_prompt_for_sdxl(request.prompt)
+        system |= {
+            "negative_prompt": negative,
+            "negative_prompt_supported": True,
+            "steps": spec.steps,
+            "guidance_scale": spec.guidance_scale,
+        }
+        if request.reference_image_key is not None:
+            system |= {
+                "reference_image_key": request.reference_image_key,
+                "reference_type": request.reference_type.value,
+                "reference_strength": request.reference_strength,
+            }
+    else:
+        frame_num = spec.num_frames
+        if spec.format is OutputFormat.VIDEO and request.frame_num is not None:
+            frame_num = nearest_wan_frame_count(request.frame_num)
+            system["frame_num_requested"] = request.frame_num
+        system |= {
+            "negative_prompt_supported": False,
+            "sample_steps": spec.steps,
+            "sample_guide_scale": spec.guidance_scale,
+            "sample_solver": WAN_SAMPLE_SOLVER,
+            "sample_shift": WAN_SAMPLE_SHIFT,
+            "frame_num": frame_num,
+        }
+        if spec.format is OutputFormat.VIDEO:
+            system["fps"] = WAN_FPS
+
+    # System keys win over user metadata: the records must stay truthful.
+    metadata = {**request.metadata, **system}
+
+    kind = AssetKind.VIDEO if spec.format is OutputFormat.VIDEO else AssetKind.IMAGE
+    assets = []
+    for index in range(num_images):
+        image_seed = asset_seed(seed, index)
+        path_index = None if kind is AssetKind.VIDEO else index
+        asset_metadata: dict[str, Any] = {
+            "model_type": spec.model_type,
+            "is_sdxl": spec.model is ModelFamily.SDXL,
+            "is_enhanced": spec.enhanced,
+            "job_type": spec.job_type,
+            "seed": image_seed,
+            "bucket": spec.bucket,
+        }
+        if kind is AssetKind.IMAGE:
+            asset_metadata |= {"image_index": index, "total_images": num_images}
+        if "negative_prompt" in system:
+            asset_metadata["negative_prompt"] = system["negative_prompt"]
+        assets.append(
+            AssetPlan(
+                index=index,
+                seed=image_seed,
+                bucket=spec.bucket,
+                path=asset_key(user_id, job_id, spec.file_extension, path_index),
+                metadata=asset_metadata,
+            )
+        )
+
+    return JobPlan(
+        job_id=job_id,
+        user_id=user_id,
+        spec=spec,
+        prompt=request.prompt,
+        metadata=metadata,
+        assets=assets,
+        project_id=request.project_id,
+        video_id=request.video_id,
+        image_id=request.image_id,
+        idempotency_key=idempotency_key,
+        request_hash=request_fingerprint(request, user_id) if idempotency_key else None,
+        asset_kind=kind,
+    )

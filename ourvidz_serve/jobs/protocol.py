@@ -1,0 +1,209 @@
+"""Request and response models of the jobs API."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Literal
+from uuid import UUID
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ourvidz_serve.catalog import JOB_TYPES, WAN_MAX_FRAMES, ModelFamily, OutputFormat
+
+MAX_PROMPT_CHARS = 2000
+MAX_SEED = 2**32 - 1
+MAX_METADATA_BYTES = 16_384
+
+# The seed's queue-job payload carried generation options inside `metadata`; they are lifted
+# to the top level when the top level does not set them.
+_LIFTED_FROM_METADATA = (
+    "prompt",
+    "seed",
+    "num_images",
+    "negative_prompt",
+    "reference_image_url",
+    "reference_image_key",
+    "reference_type",
+    "reference_strength",
+    "frame_num",
+)
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class ReferenceType(StrEnum):
+    STYLE = "style"
+    COMPOSITION = "composition"
+    CHARACTER = "character"
+
+
+class JobRequest(BaseModel):
+    """``POST /v1/jobs``. Accepts snake_case and the seed's camelCase (``jobType``, ...)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    job_type: str = Field(
+        validation_alias=AliasChoices("job_type", "jobType"), description="One of the ten job types"
+    )
+    prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
+    user_id: UUID | None = Field(None, validation_alias=AliasChoices("user_id", "userId"))
+    num_images: int | None = Field(None, description="1, 3 or 6 for SDXL types; 1 for WAN")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    reference_image_url: str | None = Field(None, max_length=2048)
+    reference_image_key: str | None = Field(None, max_length=512)
+    reference_type: ReferenceType = ReferenceType.STYLE
+    reference_strength: float = Field(0.7, ge=0.1, le=1.0)
+    frame_num: int | None = Field(None, ge=1, le=WAN_MAX_FRAMES)
+    project_id: UUID | None = Field(None, validation_alias=AliasChoices("project_id", "projectId"))
+    video_id: UUID | None = Field(None, validation_alias=AliasChoices("video_id", "videoId"))
+    image_id: UUID | None = Field(None, validation_alias=AliasChoices("image_id", "imageId"))
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _lift_seed_payload_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
+            return data
+        data = dict(data)
+        metadata = dict(data["metadata"])
+        for name in _LIFTED_FROM_METADATA:
+            if name in metadata and data.get(name) is None:
+                data[name] = metadata.pop(name)
+        data["metadata"] = metadata
+        return data
+
+    @field_validator("job_type")
+    @classmethod
+    def _known_job_type(cls, value: str) -> str:
+        if value not in JOB_TYPES:
+            raise ValueError(f"unknown job type {value!r}; expected one of {sorted(JOB_TYPES)}")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        size = len(json.dumps(value, default=str).encode())
+        if size > MAX_METADATA_BYTES:
+            raise ValueError(f"metadata is {size} bytes; at most {MAX_METADATA_BYTES} allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _options_fit_the_job_type(self) -> JobRequest:
+        spec = JOB_TYPES[self.job_type]
+        if self.num_images is not None and self.num_images not in spec.allowed_num_images:
+            raise ValueError(
+                f"num_images={self.num_images} is not allowed for {self.job_type}; "
+                f"allowed: {list(spec.allowed_num_images)}"
+            )
+        if spec.model is not ModelFamily.SDXL:
+            for name in ("negative_prompt", "reference_image_url", "reference_image_key"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name} is only supported by SDXL job types")
+        if self.frame_num is not None and spec.format is not OutputFormat.VIDEO:
+            raise ValueError("frame_num is only supported by WAN video job types")
+        if self.reference_image_url is not None and self.reference_image_key is not None:
+            raise ValueError("give reference_image_url or reference_image_key, not both")
+        if self.reference_image_url is not None:
+            raise ValueError(
+                "reference_image_url is not supported yet: upload the image to the "
+                "reference_images bucket and pass reference_image_key"
+            )
+        return self
+
+
+class AssetKind(StrEnum):
+    IMAGE = "image"
+    VIDEO = "video"
+
+
+class AssetResource(BaseModel):
+    id: UUID
+    kind: AssetKind
+    index: int
+    status: JobStatus
+    bucket: str
+    path: str = Field(description="Storage key inside the bucket")
+    url: str | None = Field(None, description="Signed download URL, once completed")
+    seed: int | None
+    metadata: dict[str, Any]
+    completed_at: datetime | None
+
+
+class JobResource(BaseModel):
+    id: UUID
+    user_id: UUID
+    job_type: str
+    format: str
+    quality: str
+    model_type: str
+    status: JobStatus
+    prompt: str
+    metadata: dict[str, Any]
+    project_id: UUID | None
+    video_id: UUID | None
+    image_id: UUID | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    error_message: str | None
+    assets: list[AssetResource]
+
+
+class JobList(BaseModel):
+    jobs: list[JobResource]
+    next_cursor: str | None = Field(None, description="Pass as `cursor` for the next page")
+
+
+class CallbackPayload(BaseModel):
+    """The seed's standardized callback body, POSTed when a job ends."""
+
+    job_id: UUID
+    status: JobStatus
+    assets: list[str] = Field(description="Stored paths of the assets, in index order")
+    error_message: str | None
+    metadata: dict[str, Any]
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class JobTypeResource(BaseModel):
+    job_type: str
+    model: str
+    model_type: str
+    model_variant: str
+    format: Literal["image", "video"]
+    quality: str
+    enhanced: bool
+    queue: str
+    bucket: str
+    file_extension: str
+    steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    num_frames: int
+    fps: int | None
+    allowed_num_images: list[int]
+    expected_time_s: float

@@ -1,0 +1,60 @@
+"""HTTP routes of the jobs feature. Thin: parse, authorize, call the service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import JSONResponse
+
+from ourvidz_serve.api.dependencies import get_state, require_principal
+from ourvidz_serve.api.state import AppState
+from ourvidz_serve.jobs.protocol import ErrorBody, JobList, JobRequest, JobResource, JobStatus
+from ourvidz_serve.jobs.service import Principal
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorBody} for code in (401, 404, 409, 422)
+}
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobResource,
+    responses={200: {"model": JobResource, "description": "Idempotent replay"}, **_ERRORS},
+)
+async def submit_job(
+    request: JobRequest,
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key")] = None,
+) -> JSONResponse:
+    job, created = await state.jobs.submit(request, principal, idempotency_key)
+    return JSONResponse(job.model_dump(mode="json"), status_code=202 if created else 200)
+
+
+@router.get("/{job_id}", response_model=JobResource, responses=_ERRORS)
+async def get_job(
+    job_id: UUID,
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> JobResource:
+    return await state.jobs.get(job_id, principal)
+
+
+@router.get("", response_model=JobList, responses=_ERRORS)
+async def list_jobs(
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+    user_id: UUID | None = None,
+    status: JobStatus | None = None,
+    job_type: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    cursor: str | None = None,
+) -> JobList:
+    return await state.jobs.list(
+        principal, user_id=user_id, status=status, job_type=job_type, limit=limit, cursor=cursor
+    )

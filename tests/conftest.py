@@ -1,0 +1,55 @@
+"""Shared fixtures: a real PostgreSQL (embedded pgserver, or DATABASE_URL) and settings."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from ourvidz_serve.persistence.database import open_pool, start_embedded_postgres
+from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.settings import Settings
+
+TEST_API_KEY = "test-service-key"
+
+
+@pytest.fixture(scope="session")
+def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A database for the tests: ``DATABASE_URL`` if set, else an embedded server."""
+    configured = os.environ.get("DATABASE_URL")
+    if configured:
+        yield configured
+        return
+    # Unix socket paths are limited to ~107 bytes, so keep the directory short.
+    directory = tmp_path_factory.mktemp("pg", numbered=True)
+    yield start_embedded_postgres(Path(directory))
+    import pgserver
+
+    pgserver.get_server(directory).cleanup()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, database_url: str) -> Settings:
+    return Settings(
+        database_url=database_url,
+        data_dir=tmp_path / "data",
+        api_keys=[TEST_API_KEY],
+        dispatch_poll_interval_s=0.2,
+    )
+
+
+@pytest.fixture(scope="session")
+async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
+    pool = await open_pool(Settings(database_url=database_url, api_keys=[TEST_API_KEY]))
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def repository(pool: asyncpg.Pool) -> JobRepository:
+    """A repository over empty tables."""
+    await pool.execute("TRUNCATE jobs, images, videos")
+    return JobRepository(pool)

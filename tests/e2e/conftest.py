@@ -1,0 +1,43 @@
+"""Ray Serve for real: ``serve run`` on a copy of serve_config.yaml (only the port changed)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import pytest
+
+from ourvidz_serve.launcher import RunningService, run_service
+from ourvidz_serve.persistence.database import start_embedded_postgres
+
+API_KEY = "e2e-service-key"
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
+    workdir = tmp_path_factory.mktemp("e2e")
+    with run_service(
+        workdir, api_key=API_KEY, extra_env={"OURVIDZ_DISPATCH_POLL_INTERVAL_S": "0.2"}
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+async def http(service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture(scope="session")
+async def service_db(service: RunningService) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the embedded PostgreSQL the service started under its data dir."""
+    dsn = start_embedded_postgres(service.data_dir / "postgres")
+    connection = await asyncpg.connect(dsn)
+    await connection.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+    yield connection
+    await connection.close()

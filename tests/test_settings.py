@@ -1,0 +1,45 @@
+import pytest
+
+from ourvidz_serve.settings import ModelProfile, Settings, StorageBackend
+
+
+def test_settings_come_from_ourvidz_environment_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("OURVIDZ_MODEL_PROFILE", "full-random")
+    monkeypatch.setenv("OURVIDZ_API_KEYS", " key-a, key-b ,,")
+    monkeypatch.setenv("OURVIDZ_STORAGE_BACKEND", "s3")
+    monkeypatch.setenv("OURVIDZ_DATA_DIR", str(tmp_path))
+    settings = Settings()
+    assert settings.model_profile is ModelProfile.FULL_RANDOM
+    assert settings.api_keys == ["key-a", "key-b"]
+    assert settings.storage_backend is StorageBackend.S3
+    assert settings.embedded_database_dir == tmp_path.resolve() / "postgres"
+
+
+def test_config_args_override_the_environment(monkeypatch):
+    monkeypatch.setenv("OURVIDZ_MODEL_PROFILE", "weights")
+    assert Settings(model_profile="tiny").model_profile is ModelProfile.TINY
+
+
+def test_an_unknown_profile_is_refused(monkeypatch):
+    monkeypatch.setenv("OURVIDZ_MODEL_PROFILE", "huge")
+    with pytest.raises(ValueError, match="model_profile"):
+        Settings()
+
+
+def test_tiny_profile_without_keys_generates_one_development_key():
+    settings, key = Settings(api_keys=[]).with_generated_dev_key()
+    assert key is not None and key.startswith("dev-") and len(key) > 20
+    assert settings.api_keys == [key]
+    _, second = Settings(api_keys=[]).with_generated_dev_key()
+    assert second != key
+
+
+def test_configured_keys_are_kept_and_no_key_is_generated():
+    settings, key = Settings(api_keys=["real"]).with_generated_dev_key()
+    assert (settings.api_keys, key) == (["real"], None)
+
+
+@pytest.mark.parametrize("profile", ["full-random", "weights"])
+def test_other_profiles_refuse_to_start_without_keys(profile):
+    with pytest.raises(ValueError, match="OURVIDZ_API_KEYS must be set"):
+        Settings(model_profile=profile, api_keys=[]).with_generated_dev_key()
