@@ -9,7 +9,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from ourvidz_serve.persistence.database import open_pool, start_embedded_postgres
+from ourvidz_serve.persistence.database import open_database, start_embedded_postgres
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 
@@ -24,11 +24,9 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield configured
         return
     # Unix socket paths are limited to ~107 bytes, so keep the directory short.
-    directory = tmp_path_factory.mktemp("pg", numbered=True)
-    yield start_embedded_postgres(Path(directory))
-    import pgserver
-
-    pgserver.get_server(directory).cleanup()
+    server = start_embedded_postgres(Path(tmp_path_factory.mktemp("pg", numbered=True)))
+    yield str(server.get_uri())
+    server.cleanup()
 
 
 @pytest.fixture
@@ -43,9 +41,8 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
 
 @pytest.fixture(scope="session")
 async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await open_pool(Settings(database_url=database_url, api_keys=[TEST_API_KEY]))
-    yield pool
-    await pool.close()
+    async with open_database(Settings(database_url=database_url)) as pool:
+        yield pool
 
 
 @pytest.fixture

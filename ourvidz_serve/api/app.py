@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 from fastapi import FastAPI
 
@@ -19,7 +19,7 @@ from ourvidz_serve.dispatch.executor import JobExecutor
 from ourvidz_serve.dispatch.model_client import ModelClient
 from ourvidz_serve.jobs.router import router as jobs_router
 from ourvidz_serve.jobs.service import JobService
-from ourvidz_serve.persistence.database import open_pool
+from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
@@ -29,10 +29,12 @@ logger = logging.getLogger(__name__)
 
 @asynccontextmanager
 async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterator[AppState]:
-    pool = await open_pool(settings)
-    storage = create_storage(settings)
-    try:
+    """Open the database, storage and dispatcher; close them in reverse order."""
+    async with AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(open_database(settings))
+        storage = create_storage(settings)
         await storage.start()
+        stack.push_async_callback(storage.close)
         repository = JobRepository(pool)
         executor = JobExecutor(repository, storage, models)
         dispatcher = Dispatcher(
@@ -44,8 +46,10 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             },
             poll_interval_s=settings.dispatch_poll_interval_s,
         )
+        await dispatcher.start()
+        stack.push_async_callback(dispatcher.stop)
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
-        state = AppState(
+        yield AppState(
             settings=settings,
             repository=repository,
             storage=storage,
@@ -54,14 +58,6 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             dispatcher=dispatcher,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
         )
-        await dispatcher.start()
-        try:
-            yield state
-        finally:
-            await dispatcher.stop()
-    finally:
-        await storage.close()
-        await pool.close()
 
 
 def create_app(settings: Settings, models: ModelClient) -> FastAPI:

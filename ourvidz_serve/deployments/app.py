@@ -6,7 +6,6 @@ lower case, without the prefix); everything else comes from the environment, rea
 
 from __future__ import annotations
 
-import logging
 import sys
 from typing import Any
 
@@ -16,15 +15,18 @@ from ourvidz_serve.deployments.ingress import IngressDeployment
 from ourvidz_serve.deployments.models import EnhancerDeployment, SDXLDeployment, WanDeployment
 from ourvidz_serve.settings import Settings
 
-logger = logging.getLogger(__name__)
-
 
 def build_app(args: dict[str, Any]) -> Application:
+    unknown = sorted(set(args) - set(Settings.model_fields))
+    if unknown:
+        raise ValueError(f"unknown settings in the config's args: {', '.join(unknown)}")
     settings, dev_key = Settings(**args).with_generated_dev_key()
     if dev_key is not None:
-        banner = f"ourvidz-serve development API key (tiny profile, no OURVIDZ_API_KEYS): {dev_key}"
-        print(banner, file=sys.stderr, flush=True)
-        logger.warning(banner)
+        print(
+            f"ourvidz-serve development API key (tiny profile, no OURVIDZ_API_KEYS): {dev_key}",
+            file=sys.stderr,
+            flush=True,
+        )
     # The @serve.deployment decorator turns each class into a Deployment with .bind().
     return IngressDeployment.bind(  # type: ignore[attr-defined]
         settings,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -19,24 +22,17 @@ from ourvidz_serve.settings import Settings
 logger = logging.getLogger(__name__)
 
 
-def start_embedded_postgres(directory: Path) -> str:
-    """Start (or attach to) the embedded PostgreSQL in ``directory``; return its DSN.
+def start_embedded_postgres(directory: Path) -> Any:
+    """Start (or attach to) the embedded PostgreSQL in ``directory``; return its handle.
 
     pgserver shares one server per data directory between processes, so every replica that
-    calls this with the same directory talks to the same database; the server stops when the
-    last process that attached to it exits.
+    attaches to the same directory talks to the same database. ``handle.cleanup()`` detaches;
+    the last process to detach stops the server.
     """
     import pgserver  # heavy import, only needed without a DATABASE_URL
 
     directory.mkdir(parents=True, exist_ok=True)
-    server = pgserver.get_server(directory, cleanup_mode="stop")
-    return str(server.get_uri())
-
-
-async def resolve_dsn(settings: Settings) -> str:
-    if settings.database_url is not None:
-        return settings.database_url.get_secret_value()
-    return await asyncio.to_thread(start_embedded_postgres, settings.embedded_database_dir)
+    return pgserver.get_server(directory, cleanup_mode="stop")
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
@@ -46,23 +42,32 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
-async def open_pool(
+@asynccontextmanager
+async def open_database(
     settings: Settings, migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
-) -> asyncpg.Pool:
-    """Open the pool and bring the schema up to date."""
-    dsn = await resolve_dsn(settings)
-    pool = await asyncpg.create_pool(
-        dsn,
-        min_size=settings.db_pool_min_size,
-        max_size=settings.db_pool_max_size,
-        init=_init_connection,
-    )
+) -> AsyncIterator[asyncpg.Pool]:
+    """A pool on an up-to-date schema: the configured DSN, or the embedded server."""
+    embedded = None
+    if settings.database_url is not None:
+        dsn = settings.database_url.get_secret_value()
+    else:
+        embedded = await asyncio.to_thread(start_embedded_postgres, settings.embedded_database_dir)
+        dsn = str(embedded.get_uri())
     try:
-        async with pool.acquire() as connection:
-            applied = await apply_migrations(connection, load_migrations(migrations_dir))
-    except BaseException:
-        await pool.close()
-        raise
-    if applied:
-        logger.info("applied migrations %s", applied)
-    return pool
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=settings.db_pool_min_size,
+            max_size=settings.db_pool_max_size,
+            init=_init_connection,
+        )
+        try:
+            async with pool.acquire() as connection:
+                applied = await apply_migrations(connection, load_migrations(migrations_dir))
+            if applied:
+                logger.info("applied migrations %s", applied)
+            yield pool
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.cleanup)

@@ -34,10 +34,11 @@ async def http(service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture(scope="session")
 async def service_db(service: RunningService) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the embedded PostgreSQL the service started under its data dir."""
-    dsn = start_embedded_postgres(service.data_dir / "postgres")
-    connection = await asyncpg.connect(dsn)
+    server = start_embedded_postgres(service.data_dir / "postgres")
+    connection = await asyncpg.connect(str(server.get_uri()))
     await connection.set_type_codec(
         "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
     )
     yield connection
     await connection.close()
+    server.cleanup()
