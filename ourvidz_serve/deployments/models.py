@@ -34,7 +34,12 @@ class SDXLDeployment:
         return await asyncio.to_thread(self._runner.generate, requests)
 
     async def generate_images(self, requests: list[ImageRequest]) -> list[EncodedAsset]:
-        """All images of one job; the runner keeps the seed rule whatever the batch."""
+        """All images of one job; the runner keeps the seed rule whatever the batch.
+
+        The job's requests are validated before they join a batch, so that one job's bad
+        input (an undecodable reference, say) fails that job alone, not its batch-mates.
+        """
+        await asyncio.to_thread(self._runner.validate, requests)
         return list(await asyncio.gather(*(self._generate_batch(r) for r in requests)))
 
     def ready(self) -> str:

@@ -167,3 +167,22 @@ async def test_bad_input_through_serve_gets_the_error_body_and_no_row(
     unauthorized = await http.get("/v1/jobs", headers={"Authorization": "Bearer nope"})
     assert unauthorized.status_code == 401
     assert unauthorized.json()["error"]["code"] == "unauthorized"
+
+
+async def test_a_job_with_a_bad_reference_fails_alone_and_its_neighbours_complete(
+    http: httpx.AsyncClient, service: RunningService
+):
+    reference = service.data_dir / "storage" / "reference_images" / USER / "broken.png"
+    reference.parent.mkdir(parents=True, exist_ok=True)
+    reference.write_bytes(b"this is not an image")
+    bad, *good = await asyncio.gather(
+        submit(http, job_type="sdxl_image_fast", reference_image_key=f"{USER}/broken.png"),
+        *(submit(http, job_type="sdxl_image_fast", seed=seed) for seed in range(3)),
+    )
+    bad_done = await finished(http, bad["id"])
+    assert bad_done["status"] == "failed"
+    assert bad_done["metadata"]["error_type"] == "InvalidRequest"
+    assert "reference" in bad_done["error_message"]
+    for job in good:
+        done = await finished(http, job["id"])
+        assert done["status"] == "completed", done["error_message"]
