@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     callback_url: str | None = None
     callback_secret: SecretStr | None = None
 
+    dispatch_enabled: bool = Field(
+        True, description="Run a dispatcher in each ingress replica (off: accept jobs only)"
+    )
     dispatch_poll_interval_s: float = Field(0.5, gt=0)
     sdxl_max_inflight: int = Field(12, ge=1, description="SDXL jobs one dispatcher runs at once")
     wan_max_inflight: int = Field(2, ge=1, description="WAN jobs one dispatcher runs at once")

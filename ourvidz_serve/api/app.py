@@ -46,8 +46,9 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             },
             poll_interval_s=settings.dispatch_poll_interval_s,
         )
-        await dispatcher.start()
-        stack.push_async_callback(dispatcher.stop)
+        if settings.dispatch_enabled:
+            await dispatcher.start()
+            stack.push_async_callback(dispatcher.stop)
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
             settings=settings,

@@ -85,6 +85,8 @@ _JOB_COLUMNS = """
     error_message
 """
 
+_JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
+
 _ASSETS_OF_JOBS = """
     SELECT job_id, id, 'image' AS kind, image_index AS idx, status, image_url AS path,
            metadata, completed_at
@@ -127,18 +129,23 @@ class JobRepository:
 
         Returns ``(job, created)``. With an idempotency key already used by the same user, the
         original job comes back with ``created=False``; with a different body, ``Conflict``.
+        Two statements write everything (the job with its NOTIFY, then every asset row), and
+        their RETURNING rows make the record, so a submission costs no read-back.
         """
+        spec = plan.spec
         async with self._pool.acquire() as connection, connection.transaction():
-            spec = plan.spec
-            inserted = await connection.fetchval(
-                """
-                INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue,
-                                  metadata, project_id, video_id, image_id, idempotency_key,
-                                  request_hash)
-                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-                DO NOTHING
-                RETURNING id
+            job_row = await connection.fetchrow(
+                f"""
+                WITH inserted AS (
+                    INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue,
+                                      metadata, project_id, video_id, image_id,
+                                      idempotency_key, request_hash)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+                    DO NOTHING
+                    RETURNING {_JOB_COLUMNS}
+                )
+                SELECT inserted.*, pg_notify($14, inserted.queue) FROM inserted
                 """,
                 plan.job_id,
                 plan.user_id,
@@ -153,52 +160,39 @@ class JobRepository:
                 plan.image_id,
                 plan.idempotency_key,
                 plan.request_hash,
+                NOTIFY_CHANNEL,
             )
-            if inserted is None:
+            if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
-            if plan.asset_kind is AssetKind.VIDEO:
-                asset = plan.assets[0]
-                await connection.execute(
-                    """
-                    INSERT INTO videos (user_id, project_id, job_id, prompt, quality, format,
-                                        video_url, metadata)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                    """,
-                    plan.user_id,
-                    plan.project_id,
-                    plan.job_id,
-                    plan.prompt,
-                    spec.quality.value,
-                    spec.file_extension,
-                    asset.path,
-                    asset.metadata,
-                )
-            else:
-                await connection.executemany(
-                    """
-                    INSERT INTO images (user_id, project_id, job_id, image_index, prompt,
-                                        quality, format, image_url, metadata)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                    """,
-                    [
-                        (
-                            plan.user_id,
-                            plan.project_id,
-                            plan.job_id,
-                            asset.index,
-                            plan.prompt,
-                            spec.quality.value,
-                            spec.file_extension,
-                            asset.path,
-                            asset.metadata,
-                        )
-                        for asset in plan.assets
-                    ],
-                )
-            await connection.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, spec.queue.value)
-            job = await self._fetch_job(connection, plan.job_id)
-        assert job is not None
-        return job, True
+            table, url_column, index_column = (
+                ("videos", "video_url", "0")
+                if plan.asset_kind is AssetKind.VIDEO
+                else ("images", "image_url", "image_index")
+            )
+            index_insert = ", image_index" if table == "images" else ""
+            index_value = ", asset.idx" if table == "images" else ""
+            asset_rows = await connection.fetch(
+                f"""
+                INSERT INTO {table} (user_id, project_id, job_id, prompt, quality, format,
+                                     {url_column}, metadata{index_insert})
+                SELECT $1, $2, $3, $4, $5, $6, asset.path, asset.meta{index_value}
+                  FROM unnest($7::int[], $8::text[], $9::jsonb[]) AS asset(idx, path, meta)
+                 ORDER BY asset.idx
+                RETURNING job_id, id, '{plan.asset_kind.value}' AS kind, {index_column} AS idx,
+                          status, {url_column} AS path, metadata, completed_at
+                """,
+                plan.user_id,
+                plan.project_id,
+                plan.job_id,
+                plan.prompt,
+                spec.quality.value,
+                spec.file_extension,
+                [asset.index for asset in plan.assets],
+                [asset.path for asset in plan.assets],
+                [asset.metadata for asset in plan.assets],
+            )
+        assets = sorted((_asset_record(row) for row in asset_rows), key=lambda a: a.index)
+        return _job_record(job_row, assets), True
 
     async def _existing_idempotent_job(
         self, connection: asyncpg.Connection, plan: JobPlan
@@ -233,17 +227,7 @@ class JobRepository:
     ) -> dict[UUID, list[AssetRecord]]:
         by_job: dict[UUID, list[AssetRecord]] = {}
         for row in await connection.fetch(_ASSETS_OF_JOBS, job_ids):
-            by_job.setdefault(row["job_id"], []).append(
-                AssetRecord(
-                    id=row["id"],
-                    kind=AssetKind(row["kind"]),
-                    index=row["idx"],
-                    status=JobStatus(row["status"]),
-                    path=row["path"],
-                    metadata=row["metadata"],
-                    completed_at=row["completed_at"],
-                )
-            )
+            by_job.setdefault(row["job_id"], []).append(_asset_record(row))
         return by_job
 
     async def list_jobs(
@@ -400,7 +384,19 @@ class JobRepository:
         return {row["queue"]: row["n"] for row in rows}
 
 
+def _asset_record(row: asyncpg.Record) -> AssetRecord:
+    return AssetRecord(
+        id=row["id"],
+        kind=AssetKind(row["kind"]),
+        index=row["idx"],
+        status=JobStatus(row["status"]),
+        path=row["path"],
+        metadata=row["metadata"],
+        completed_at=row["completed_at"],
+    )
+
+
 def _job_record(row: asyncpg.Record, assets: list[AssetRecord]) -> JobRecord:
-    values = dict(row)
+    values = {key: row[key] for key in _JOB_FIELDS}
     values["status"] = JobStatus(values["status"])
     return JobRecord(**values, assets=assets)

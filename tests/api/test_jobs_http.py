@@ -17,6 +17,7 @@ from ourvidz_serve.api.app import create_app
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
+from tests.conftest import TEST_API_KEY
 
 USER = "6f1c1f38-5b8e-4a52-8f8e-0c9a6f0d2b11"
 
@@ -261,3 +262,18 @@ async def test_a_user_token_sees_and_lists_only_its_own_jobs(settings, tiny_mode
                 "/v1/jobs", json=body | {"user_id": str(stranger)}, headers=as_owner
             )
             assert_error(other_user, 422, "invalid_request", "does not match")
+
+
+async def test_an_ingress_without_dispatcher_accepts_jobs_and_leaves_them_queued(
+    settings, tiny_models, repository
+):
+    app = create_app(settings.model_copy(update={"dispatch_enabled": False}), tiny_models)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        headers = {"Authorization": f"Bearer {TEST_API_KEY}"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://127.0.0.1", headers=headers
+        ) as http:
+            submitted = (await http.post("/v1/jobs", json=job())).json()
+            await asyncio.sleep(1.0)
+            assert (await http.get(f"/v1/jobs/{submitted['id']}")).json()["status"] == "queued"
