@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # The CPU build of torch; installed first so that no dependency range can pull a CUDA build.
 TORCH_SPEC := torch==2.13.0
 
-.PHONY: serve test lint typecheck unit e2e schemas bench clean
+.PHONY: serve test lint typecheck schemas clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)

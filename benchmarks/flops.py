@@ -54,7 +54,7 @@ from transformers import (
 )
 
 from ourvidz_serve.catalog import JOB_TYPES
-from ourvidz_serve.pipelines.base import random_init
+from ourvidz_serve.pipelines.devices import random_init
 from ourvidz_serve.pipelines.qwen import QWEN25_7B_CONFIG
 from ourvidz_serve.pipelines.sdxl import SDXL_BASE_CONFIGS
 from ourvidz_serve.pipelines.wan import MAX_SEQUENCE_LENGTH, WAN_1_3B_CONFIGS

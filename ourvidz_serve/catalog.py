@@ -143,10 +143,6 @@ JOB_TYPES: dict[str, JobTypeSpec] = {
 }
 
 
-def get_job_type(name: str) -> JobTypeSpec:
-    return JOB_TYPES[name]
-
-
 def nearest_wan_frame_count(requested: int) -> int:
     """WAN needs 4k+1 frames; round to the nearest such count within 1..121.
 

@@ -60,7 +60,3 @@ class ModelLoadError(OurVidzError):
     """A model could not be built or loaded (e.g. missing weights in the ``weights`` profile)."""
 
     code = "model_load_error"
-
-
-class GenerationError(OurVidzError):
-    code = "generation_error"

@@ -1,4 +1,4 @@
-"""FastAPI dependencies shared by the routers."""
+"""FastAPI dependencies shared by the routers (async: they do no I/O, so no threadpool hop)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from ourvidz_serve.errors import ServiceUnavailable
 from ourvidz_serve.jobs.service import Principal
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state = getattr(request.app.state, "ourvidz", None)
     if state is None:
         raise ServiceUnavailable("the service is still starting")
@@ -19,7 +19,7 @@ def get_state(request: Request) -> AppState:
     return state
 
 
-def require_principal(
+async def require_principal(
     state: Annotated[AppState, Depends(get_state)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:

@@ -14,7 +14,7 @@ from ourvidz_serve.catalog import JOB_TYPES, WAN_FPS, OutputFormat
 from ourvidz_serve.errors import NotFound
 from ourvidz_serve.jobs.protocol import JobTypeResource
 from ourvidz_serve.jobs.service import Principal
-from ourvidz_serve.storage.local import LocalStorage, verify_signature
+from ourvidz_serve.storage.local import LocalStorage
 
 router = APIRouter()
 
@@ -91,6 +91,6 @@ async def download_file(
     storage = state.storage
     if not isinstance(storage, LocalStorage):
         raise NotFound("file downloads are served by the local storage backend only")
-    verify_signature(state.settings.signing_key(), bucket, key, expires, signature)
+    storage.verify(bucket, key, expires, signature)
     path = await storage.open_for_download(bucket, key)
     return FileResponse(path)

@@ -80,8 +80,11 @@ class Dispatcher:
             if free > 0:
                 try:
                     claimed = await self._repository.claim_jobs(queue, free)
-                except (asyncpg.PostgresError, OSError):
-                    logger.exception("claiming from %s failed; retrying", queue)
+                except Exception:
+                    # The loop must outlive a lost connection or a bad row: log, wait, retry.
+                    logger.exception(
+                        "claiming from %s failed; retrying after the poll interval", queue
+                    )
             for job in claimed:
                 task = asyncio.create_task(self._run_job(job), name=f"job-{job.id}")
                 running.add(task)

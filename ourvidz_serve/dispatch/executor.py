@@ -11,7 +11,6 @@ from typing import Any
 from ourvidz_serve.catalog import JOB_TYPES, JobTypeSpec, ModelFamily, OutputFormat
 from ourvidz_serve.dispatch.model_client import ModelClient
 from ourvidz_serve.errors import OurVidzError
-from ourvidz_serve.jobs.planning import REFERENCE_BUCKET
 from ourvidz_serve.persistence.repository import AssetCompletion, JobRecord, JobRepository
 from ourvidz_serve.pipelines.base import (
     EncodedAsset,
@@ -20,7 +19,7 @@ from ourvidz_serve.pipelines.base import (
     ImageRequest,
     VideoRequest,
 )
-from ourvidz_serve.storage import Storage
+from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -31,14 +30,6 @@ def enhance_target(spec: JobTypeSpec) -> EnhanceTarget:
     return EnhanceTarget.WAN_VIDEO if spec.format is OutputFormat.VIDEO else EnhanceTarget.WAN_IMAGE
 
 
-def error_type_of(exc: BaseException) -> str:
-    """The name recorded as ``metadata.error_type``; unwraps errors relayed by Ray."""
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        return type(cause).__name__
-    return type(exc).__name__
-
-
 class JobExecutor:
     def __init__(self, repository: JobRepository, storage: Storage, models: ModelClient) -> None:
         self._repository = repository
@@ -46,26 +37,31 @@ class JobExecutor:
         self._models = models
 
     async def run(self, job: JobRecord) -> None:
-        """Run a claimed job to a terminal state; never raises for a job's own failure."""
+        """Run a claimed job to a terminal state; never raises for a job's own failure.
+
+        A job cancelled here (the dispatcher is stopping) goes back to the queue for another
+        replica, instead of staying ``processing``.
+        """
         started = time.monotonic()
+        metadata: dict[str, Any] = {}
         try:
-            await self._run(job, started)
+            await self._run(job, started, metadata)
         except asyncio.CancelledError:
+            logger.warning("job %s interrupted by shutdown; returning it to the queue", job.id)
+            await asyncio.shield(self._repository.requeue_job(job.id))
             raise
         except Exception as exc:
             logger.exception("job %s (%s) failed", job.id, job.job_type)
             message = exc.message if isinstance(exc, OurVidzError) else str(exc)
+            metadata["total_time"] = round(time.monotonic() - started, 4)
             await self._repository.fail_job(
-                job.id,
-                message or type(exc).__name__,
-                error_type_of(exc),
-                {"generation_time": round(time.monotonic() - started, 4)},
+                job.id, message or type(exc).__name__, type(exc).__name__, metadata
             )
 
-    async def _run(self, job: JobRecord, started: float) -> None:
+    async def _run(self, job: JobRecord, started: float, metadata: dict[str, Any]) -> None:
+        """Generate, store and complete; ``metadata`` collects what is known so far."""
         spec = JOB_TYPES[job.job_type]
         prompt = job.prompt
-        metadata: dict[str, Any] = {}
         if job.started_at is not None:
             metadata["queue_wait_time"] = round(
                 (job.started_at - job.created_at).total_seconds(), 4
@@ -96,14 +92,13 @@ class JobExecutor:
             *(
                 self._storage.put(asset.bucket, asset.path, output.data, output.mime_type)
                 for asset, output in zip(job.assets, outputs, strict=True)
-                if asset.path is not None
             )
         )
         finished_at = datetime.now(UTC).isoformat()
         completions = [
             AssetCompletion(
                 index=asset.index,
-                path=str(asset.path),
+                path=asset.path,
                 metadata={
                     "seed": output.seed,
                     "width": output.width,
@@ -136,7 +131,9 @@ class JobExecutor:
         if spec.model is ModelFamily.SDXL:
             reference = None
             if meta.get("reference_image_key"):
-                reference = await self._storage.get(REFERENCE_BUCKET, meta["reference_image_key"])
+                reference = await self._storage.get(
+                    REFERENCE_IMAGES_BUCKET, meta["reference_image_key"]
+                )
             requests = [
                 ImageRequest(
                     prompt=prompt,

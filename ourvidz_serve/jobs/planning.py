@@ -25,8 +25,6 @@ from ourvidz_serve.jobs.protocol import MAX_SEED, AssetKind, JobRequest
 from ourvidz_serve.prompts import generate_negative_prompt_for_sdxl, prompt_stats
 from ourvidz_serve.storage import asset_key
 
-REFERENCE_BUCKET = "reference_images"
-
 
 @dataclass(frozen=True)
 class AssetPlan:
@@ -147,12 +145,14 @@ def plan_job(
             asset_metadata |= {"image_index": index, "total_images": num_images}
         if "negative_prompt" in system:
             asset_metadata["negative_prompt"] = system["negative_prompt"]
+        path = asset_key(user_id, job_id, spec.file_extension, path_index)
+        asset_metadata["stored_path"] = path
         assets.append(
             AssetPlan(
                 index=index,
                 seed=image_seed,
                 bucket=spec.bucket,
-                path=asset_key(user_id, job_id, spec.file_extension, path_index),
+                path=path,
                 metadata=asset_metadata,
             )
         )

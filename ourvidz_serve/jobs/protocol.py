@@ -11,8 +11,8 @@ from uuid import UUID
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ourvidz_serve.catalog import JOB_TYPES, WAN_MAX_FRAMES, ModelFamily, OutputFormat
+from ourvidz_serve.prompts import MAX_PROMPT_CHARS
 
-MAX_PROMPT_CHARS = 2000
 MAX_SEED = 2**32 - 1
 MAX_METADATA_BYTES = 16_384
 
@@ -31,16 +31,31 @@ _LIFTED_FROM_METADATA = (
 )
 
 
+RESERVED_METADATA_KEYS = frozenset(
+    {
+        # written at submission (jobs.planning)
+        "prompt", "job_type", "model_variant", "queue", "bucket", "seed", "num_images",
+        "enhanced", "expected_generation_time", "content_type", "file_extension", "width",
+        "height", "submitted_at", "prompt_length", "prompt_word_count", "negative_prompt",
+        "negative_prompt_supported", "steps", "guidance_scale", "reference_image_key",
+        "reference_image_url", "reference_type", "reference_strength", "frame_num",
+        "frame_num_requested", "sample_steps", "sample_guide_scale", "sample_solver",
+        "sample_shift", "fps",
+        # written while and after running (dispatch.executor)
+        "queue_wait_time", "original_prompt", "enhanced_prompt", "enhancement_fallback",
+        "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
+        "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
+    }
+)  # fmt: skip
+"""Job metadata the service writes; a client's ``metadata`` may not set them."""
+
+
 class JobStatus(StrEnum):
     QUEUED = "queued"
     PROCESSING = "processing"
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 class ReferenceType(StrEnum):
@@ -59,14 +74,16 @@ class JobRequest(BaseModel):
     )
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     user_id: UUID | None = Field(None, validation_alias=AliasChoices("user_id", "userId"))
-    num_images: int | None = Field(None, description="1, 3 or 6 for SDXL types; 1 for WAN")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    num_images: int | None = Field(
+        None, strict=True, description="1, 3 or 6 for SDXL types; 1 for WAN"
+    )
+    seed: int | None = Field(None, strict=True, ge=0, le=MAX_SEED)
     negative_prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     reference_image_url: str | None = Field(None, max_length=2048)
     reference_image_key: str | None = Field(None, max_length=512)
     reference_type: ReferenceType = ReferenceType.STYLE
     reference_strength: float = Field(0.7, ge=0.1, le=1.0)
-    frame_num: int | None = Field(None, ge=1, le=WAN_MAX_FRAMES)
+    frame_num: int | None = Field(None, strict=True, ge=1, le=WAN_MAX_FRAMES)
     project_id: UUID | None = Field(None, validation_alias=AliasChoices("project_id", "projectId"))
     video_id: UUID | None = Field(None, validation_alias=AliasChoices("video_id", "videoId"))
     image_id: UUID | None = Field(None, validation_alias=AliasChoices("image_id", "imageId"))
@@ -75,14 +92,17 @@ class JobRequest(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _lift_seed_payload_fields(cls, data: Any) -> Any:
-        if not isinstance(data, dict) or not isinstance(data.get("metadata"), dict):
+        """Lift generation options out of ``metadata``; an explicit null means "absent"."""
+        if not isinstance(data, dict):
             return data
-        data = dict(data)
-        metadata = dict(data["metadata"])
-        for name in _LIFTED_FROM_METADATA:
-            if name in metadata and data.get(name) is None:
-                data[name] = metadata.pop(name)
-        data["metadata"] = metadata
+        data = {key: value for key, value in data.items() if value is not None}
+        if isinstance(data.get("metadata"), dict):
+            metadata = dict(data["metadata"])
+            for name in _LIFTED_FROM_METADATA:
+                value = metadata.pop(name, None)
+                if value is not None and name not in data:
+                    data[name] = value
+            data["metadata"] = metadata
         return data
 
     @field_validator("job_type")
@@ -94,7 +114,10 @@ class JobRequest(BaseModel):
 
     @field_validator("metadata")
     @classmethod
-    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _metadata_size_and_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        reserved = sorted(RESERVED_METADATA_KEYS.intersection(value))
+        if reserved:
+            raise ValueError(f"metadata keys {reserved} are set by the service, not the client")
         size = len(json.dumps(value, default=str).encode())
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes; at most {MAX_METADATA_BYTES} allowed")
@@ -109,8 +132,9 @@ class JobRequest(BaseModel):
                 f"allowed: {list(spec.allowed_num_images)}"
             )
         if spec.model is not ModelFamily.SDXL:
-            for name in ("negative_prompt", "reference_image_url", "reference_image_key"):
-                if getattr(self, name) is not None:
+            sdxl_only = ("negative_prompt", "reference_image_url", "reference_image_key")
+            for name in (*sdxl_only, "reference_type", "reference_strength"):
+                if name in self.model_fields_set:
                     raise ValueError(f"{name} is only supported by SDXL job types")
         if self.frame_num is not None and spec.format is not OutputFormat.VIDEO:
             raise ValueError("frame_num is only supported by WAN video job types")

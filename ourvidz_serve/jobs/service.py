@@ -6,8 +6,8 @@ import asyncio
 from dataclasses import dataclass
 from uuid import UUID
 
-from ourvidz_serve.errors import InvalidRequest, NotFound
-from ourvidz_serve.jobs.planning import REFERENCE_BUCKET, plan_job
+from ourvidz_serve.errors import Forbidden, InvalidRequest, NotFound
+from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.protocol import (
     AssetResource,
     JobList,
@@ -16,7 +16,7 @@ from ourvidz_serve.jobs.protocol import (
     JobStatus,
 )
 from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRecord, JobRepository
-from ourvidz_serve.storage import Storage
+from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
 
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -51,7 +51,7 @@ class JobService:
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
             )
         if request.reference_image_key is not None and not await self._storage.exists(
-            REFERENCE_BUCKET, request.reference_image_key
+            REFERENCE_IMAGES_BUCKET, request.reference_image_key
         ):
             raise InvalidRequest(
                 "reference_image_key does not name an object in reference_images",
@@ -68,7 +68,7 @@ class JobService:
             return request.user_id
         assert principal.user_id is not None
         if request.user_id is not None and request.user_id != principal.user_id:
-            raise InvalidRequest("user_id does not match the authenticated user")
+            raise Forbidden("user_id does not match the authenticated user")
         return principal.user_id
 
     async def get(self, job_id: UUID, principal: Principal) -> JobResource:
@@ -91,7 +91,7 @@ class JobService:
             raise InvalidRequest(f"limit must be between 1 and {MAX_PAGE_SIZE}")
         if not principal.is_service:
             if user_id is not None and user_id != principal.user_id:
-                raise InvalidRequest("a user may only list their own jobs")
+                raise Forbidden("a user may only list their own jobs")
             user_id = principal.user_id
         filters = JobFilters(user_id=user_id, status=status, job_type=job_type)
         jobs, next_cursor = await self._repository.list_jobs(filters, limit, cursor)
@@ -123,7 +123,7 @@ class JobService:
 
     async def _asset_resource(self, asset: AssetRecord) -> AssetResource:
         url = None
-        if asset.status is JobStatus.COMPLETED and asset.path is not None:
+        if asset.status is JobStatus.COMPLETED:
             url = await self._storage.signed_url(asset.bucket, asset.path)
         return AssetResource(
             id=asset.id,
@@ -131,7 +131,7 @@ class JobService:
             index=asset.index,
             status=asset.status,
             bucket=asset.bucket,
-            path=asset.path or "",
+            path=asset.path,
             url=url,
             seed=asset.seed,
             metadata=asset.metadata,

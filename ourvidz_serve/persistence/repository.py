@@ -18,13 +18,18 @@ from ourvidz_serve.jobs.protocol import AssetKind, JobStatus
 NOTIFY_CHANNEL = "ourvidz_jobs_queued"
 
 
+class JobStateError(RuntimeError):
+    """A state change that the job's current status does not allow."""
+
+
 @dataclass(frozen=True)
 class AssetRecord:
     id: UUID
     kind: AssetKind
     index: int
     status: JobStatus
-    path: str | None
+    path: str
+    """Storage key in the bucket: planned at submission, the stored file once completed."""
     metadata: dict[str, Any]
     completed_at: datetime | None
 
@@ -88,11 +93,13 @@ _JOB_COLUMNS = """
 _JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
 
 _ASSETS_OF_JOBS = """
-    SELECT job_id, id, 'image' AS kind, image_index AS idx, status, image_url AS path,
+    SELECT job_id, id, 'image' AS kind, image_index AS idx, status,
+           coalesce(image_url, metadata->>'stored_path') AS path,
            metadata, completed_at
       FROM images WHERE job_id = ANY($1::uuid[])
     UNION ALL
-    SELECT job_id, id, 'video' AS kind, 0 AS idx, status, video_url AS path,
+    SELECT job_id, id, 'video' AS kind, 0 AS idx, status,
+           coalesce(video_url, metadata->>'stored_path') AS path,
            metadata, completed_at
       FROM videos WHERE job_id = ANY($1::uuid[])
     ORDER BY job_id, idx
@@ -164,22 +171,20 @@ class JobRepository:
             )
             if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
-            table, url_column, index_column = (
-                ("videos", "video_url", "0")
-                if plan.asset_kind is AssetKind.VIDEO
-                else ("images", "image_url", "image_index")
-            )
-            index_insert = ", image_index" if table == "images" else ""
-            index_value = ", asset.idx" if table == "images" else ""
+            # The URL columns stay empty until the file exists (complete_job); the planned key
+            # is metadata.stored_path from submission on.
+            is_video = plan.asset_kind is AssetKind.VIDEO
+            table = "videos" if is_video else "images"
+            index_column, index_value = ("", "") if is_video else (", image_index", ", asset.idx")
             asset_rows = await connection.fetch(
                 f"""
                 INSERT INTO {table} (user_id, project_id, job_id, prompt, quality, format,
-                                     {url_column}, metadata{index_insert})
-                SELECT $1, $2, $3, $4, $5, $6, asset.path, asset.meta{index_value}
-                  FROM unnest($7::int[], $8::text[], $9::jsonb[]) AS asset(idx, path, meta)
-                 ORDER BY asset.idx
-                RETURNING job_id, id, '{plan.asset_kind.value}' AS kind, {index_column} AS idx,
-                          status, {url_column} AS path, metadata, completed_at
+                                     metadata{index_column})
+                SELECT $1, $2, $3, $4, $5, $6, asset.meta{index_value}
+                  FROM unnest($7::int[], $8::jsonb[]) AS asset(idx, meta)
+                RETURNING job_id, id, '{plan.asset_kind.value}' AS kind,
+                          {"0" if is_video else "image_index"} AS idx, status,
+                          metadata->>'stored_path' AS path, metadata, completed_at
                 """,
                 plan.user_id,
                 plan.project_id,
@@ -188,7 +193,6 @@ class JobRepository:
                 spec.quality.value,
                 spec.file_extension,
                 [asset.index for asset in plan.assets],
-                [asset.path for asset in plan.assets],
                 [asset.metadata for asset in plan.assets],
             )
         assets = sorted((_asset_record(row) for row in asset_rows), key=lambda a: a.index)
@@ -311,11 +315,26 @@ class JobRepository:
     async def complete_job(
         self, job_id: UUID, metadata_patch: dict[str, Any], assets: list[AssetCompletion]
     ) -> None:
-        """Mark the job and every asset row completed. Rows are updated, never inserted."""
+        """Mark a processing job and every asset row completed; rows are updated, not inserted.
+
+        Raises ``JobStateError`` (and changes nothing) when the job is not processing or an
+        asset has no row.
+        """
         async with self._pool.acquire() as connection, connection.transaction():
-            kind = await connection.fetchval("SELECT format FROM jobs WHERE id = $1", job_id)
+            job_format = await connection.fetchval(
+                """
+                UPDATE jobs SET status = 'completed', metadata = metadata || $2::jsonb,
+                       completed_at = clock_timestamp(), updated_at = clock_timestamp()
+                 WHERE id = $1 AND status = 'processing'
+                RETURNING format
+                """,
+                job_id,
+                metadata_patch,
+            )
+            if job_format is None:
+                raise JobStateError(f"job {job_id} is not processing; not completing it")
             for asset in assets:
-                if kind == "video":
+                if job_format == "video":
                     status = await connection.execute(
                         """
                         UPDATE videos SET status = 'completed', video_url = $2,
@@ -341,33 +360,27 @@ class JobRepository:
                         asset.metadata,
                     )
                 if status != "UPDATE 1":
-                    raise RuntimeError(f"asset {asset.index} of job {job_id} has no row")
-            await connection.execute(
-                """
-                UPDATE jobs SET status = 'completed', metadata = metadata || $2::jsonb,
-                       completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                 WHERE id = $1
-                """,
-                job_id,
-                metadata_patch,
-            )
+                    raise JobStateError(f"asset {asset.index} of job {job_id} has no row")
 
     async def fail_job(
         self, job_id: UUID, error_message: str, error_type: str, metadata: dict[str, Any]
-    ) -> None:
+    ) -> bool:
+        """Mark a job that has not ended, and its asset rows, failed; False if it had ended."""
         patch = metadata | {"error_type": error_type}
         async with self._pool.acquire() as connection, connection.transaction():
-            await connection.execute(
+            status = await connection.execute(
                 """
                 UPDATE jobs SET status = 'failed', error_message = $2,
                        metadata = metadata || $3::jsonb,
                        completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                 WHERE id = $1
+                 WHERE id = $1 AND status IN ('queued', 'processing')
                 """,
                 job_id,
                 error_message,
                 patch,
             )
+            if status != "UPDATE 1":
+                return False
             for table in ("images", "videos"):
                 await connection.execute(
                     f"UPDATE {table} SET status = 'failed', "
@@ -376,6 +389,31 @@ class JobRepository:
                     job_id,
                     {"error_type": error_type, "error_message": error_message},
                 )
+        return True
+
+    async def requeue_job(self, job_id: UUID) -> bool:
+        """Put a processing job (and its assets) back in the queue; False if not processing."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            status = await connection.execute(
+                """
+                UPDATE jobs SET status = 'queued', started_at = NULL,
+                       updated_at = clock_timestamp()
+                 WHERE id = $1 AND status = 'processing'
+                """,
+                job_id,
+            )
+            if status != "UPDATE 1":
+                return False
+            for table in ("images", "videos"):
+                await connection.execute(
+                    f"UPDATE {table} SET status = 'queued', updated_at = clock_timestamp() "
+                    "WHERE job_id = $1",
+                    job_id,
+                )
+            await connection.execute(
+                "SELECT pg_notify($1, queue) FROM jobs WHERE id = $2", NOTIFY_CHANNEL, job_id
+            )
+        return True
 
     async def queue_lengths(self) -> dict[str, int]:
         rows = await self._pool.fetch(

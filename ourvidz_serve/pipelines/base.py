@@ -1,13 +1,13 @@
-"""Plain data passed to and returned by the model pipelines (no Ray, no HTTP)."""
+"""Plain data passed to and returned by the model pipelines (no torch, no Ray, no HTTP).
+
+The ingress and the dispatcher build and read these; only the model replicas import torch.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
-
-import torch
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total_steps)."""
@@ -68,12 +68,6 @@ class EncodedAsset:
     num_frames: int = 1
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 @dataclass(frozen=True)
 class EnhanceResult:
     """One enhanced prompt; ``used_fallback`` means the original prompt is returned unchanged."""
@@ -81,25 +75,3 @@ class EnhanceResult:
     enhanced_prompt: str
     used_fallback: bool
     warning: str | None = None
-
-
-@contextmanager
-def random_init(device: torch.device, dtype: torch.dtype, seed: int = 0) -> Iterator[None]:
-    """Create modules with random weights directly on ``device`` in ``dtype``, seeded.
-
-    No CPU initialisation and no float32 copy of a large model. Every replica gets the same
-    weights for the same seed and device type; the caller's RNG state is left untouched.
-    ``torch.set_default_dtype`` is process-wide: build models before serving traffic.
-    """
-    cuda_devices = []
-    if device.type == "cuda":
-        cuda_devices = [torch.cuda.current_device() if device.index is None else device.index]
-    previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            with device:
-                yield
-        finally:
-            torch.set_default_dtype(previous)

@@ -15,9 +15,8 @@ from ourvidz_serve.pipelines.base import (
     EnhanceRequest,
     EnhanceResult,
     EnhanceTarget,
-    random_init,
-    resolve_device,
 )
+from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.tokenizers import qwen_tokenizer
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS, check_enhanced_prompt, enhancer_messages
 from ourvidz_serve.settings import ModelProfile, Settings

@@ -29,9 +29,8 @@ from ourvidz_serve.pipelines.base import (
     EncodedAsset,
     ImageRequest,
     StepCallback,
-    random_init,
-    resolve_device,
 )
+from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.encode import encode_png
 from ourvidz_serve.pipelines.tokenizers import clip_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings

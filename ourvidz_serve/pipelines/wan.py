@@ -21,9 +21,8 @@ from ourvidz_serve.pipelines.base import (
     EncodedAsset,
     StepCallback,
     VideoRequest,
-    random_init,
-    resolve_device,
 )
+from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.encode import encode_mp4, encode_png
 from ourvidz_serve.pipelines.tokenizers import t5_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings

@@ -69,7 +69,7 @@ BAD_REQUESTS = [
     (job(seed=2**32), "seed"),
     (job(job_type="image_high", negative_prompt="blur"), "only supported by SDXL"),
     (job(reference_image_key=f"{USER}/missing.png"), "does not name an object"),
-    (job(reference_image_key="../../etc/passwd"), ""),
+    (job(reference_image_key="../../etc/passwd"), "'..' path segment"),
     (job(reference_image_url="https://example.com/a.png"), "not supported yet"),
     (job(reference_type="pose"), "reference_type"),
     (job(reference_strength=0), "reference_strength"),
@@ -78,6 +78,12 @@ BAD_REQUESTS = [
     (job(project_id="nope"), "project_id"),
     (job(metadata={"big": "x" * 20_000}), "metadata is"),
     (job(surprise=True), "Extra inputs"),
+    (job(seed=True), "seed"),
+    (job(seed="12"), "seed"),
+    (job(num_images=3.0), "num_images"),
+    (job(job_type="video_fast", reference_strength=0.5), "only supported by SDXL"),
+    (job(metadata={"error_type": "forged"}), "set by the service"),
+    (job(metadata={"generation_time": 0.1}), "set by the service"),
 ]
 
 
@@ -261,7 +267,9 @@ async def test_a_user_token_sees_and_lists_only_its_own_jobs(settings, tiny_mode
             other_user = await http.post(
                 "/v1/jobs", json=body | {"user_id": str(stranger)}, headers=as_owner
             )
-            assert_error(other_user, 422, "invalid_request", "does not match")
+            assert_error(other_user, 403, "forbidden", "does not match")
+            other_list = await http.get(f"/v1/jobs?user_id={stranger}", headers=as_owner)
+            assert_error(other_list, 403, "forbidden", "only list their own")
 
 
 async def test_an_ingress_without_dispatcher_accepts_jobs_and_leaves_them_queued(

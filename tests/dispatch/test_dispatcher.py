@@ -36,7 +36,7 @@ async def test_jobs_beyond_capacity_stay_queued_in_the_database(repository):
         started.append(job.id)
         await release.wait()
         await repository.complete_job(
-            job.id, {}, [AssetCompletion(a.index, a.path or "", {}) for a in job.assets]
+            job.id, {}, [AssetCompletion(a.index, a.path, {}) for a in job.assets]
         )
 
     dispatcher = Dispatcher(repository, run, {"sdxl_queue": 2, "wan_queue": 1}, 5.0)
@@ -83,12 +83,13 @@ async def test_a_submission_wakes_the_dispatcher_without_waiting_for_the_poll(re
 
 async def test_two_dispatchers_share_the_queue_without_running_a_job_twice(repository):
     runs: list[UUID] = []
+    release = asyncio.Event()
 
     async def run(job: JobRecord) -> None:
         runs.append(job.id)
-        await asyncio.sleep(0.01)
+        await release.wait()
         await repository.complete_job(
-            job.id, {}, [AssetCompletion(a.index, a.path or "", {}) for a in job.assets]
+            job.id, {}, [AssetCompletion(a.index, a.path, {}) for a in job.assets]
         )
 
     capacities = {"sdxl_queue": 3, "wan_queue": 1}
@@ -98,6 +99,14 @@ async def test_two_dispatchers_share_the_queue_without_running_a_job_twice(repos
     try:
         for _ in range(12):
             await repository.insert_job(plan())
+
+        async def six_running() -> bool:
+            return (await statuses(repository)).count("processing") == 6
+
+        # Each dispatcher runs at most 3, so six at once means both took their share.
+        await eventually(six_running)
+        assert [d.in_flight()["sdxl_queue"] for d in dispatchers] == [3, 3]
+        release.set()
 
         async def all_done() -> bool:
             return await statuses(repository) == ["completed"] * 12

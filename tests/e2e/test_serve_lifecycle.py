@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from ourvidz_serve.catalog import JOB_TYPES, OutputFormat
+from ourvidz_serve.jobs.protocol import RESERVED_METADATA_KEYS
 from ourvidz_serve.launcher import RunningService
 from ourvidz_serve.pipelines.encode import probe_mp4
 
@@ -87,15 +88,20 @@ async def test_every_job_type_completes_with_rows_files_and_metadata(
             spec.quality.value,
             spec.model_type,
         )
-        table = "videos" if spec.format is OutputFormat.VIDEO else "images"
-        url_column = "video_url" if table == "videos" else "image_url"
+        assert set(meta) <= RESERVED_METADATA_KEYS, set(meta) - RESERVED_METADATA_KEYS
+        is_video = spec.format is OutputFormat.VIDEO
         assets = await service_db.fetch(
-            f"SELECT status, {url_column} AS path, metadata FROM {table} WHERE job_id = $1::uuid",
+            "SELECT status, video_url AS path, metadata FROM videos WHERE job_id = $1::uuid"
+            if is_video
+            else "SELECT status, image_url AS path, metadata FROM images "
+            "WHERE job_id = $1::uuid ORDER BY image_index",
             job["id"],
         )
         assert len(assets) == meta["num_images"] == len(job["assets"])
-        for asset_row, asset in zip(assets, job["assets"], strict=False):
+        for asset_row, asset in zip(assets, job["assets"], strict=True):
             assert asset_row["status"] == "completed"
+            assert asset_row["path"] == asset["path"] == asset_row["metadata"]["stored_path"]
+            assert asset_row["metadata"]["seed"] == asset["seed"]
             stored = service.data_dir / "storage" / spec.bucket / asset_row["path"]
             data = stored.read_bytes()
             download = await http.get(asset["url"], headers={"Authorization": ""})

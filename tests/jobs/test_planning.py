@@ -1,7 +1,7 @@
 from uuid import UUID, uuid4
 
 from ourvidz_serve.jobs.planning import asset_seed, plan_job, request_fingerprint
-from ourvidz_serve.jobs.protocol import AssetKind, JobRequest
+from ourvidz_serve.jobs.protocol import RESERVED_METADATA_KEYS, AssetKind, JobRequest
 
 USER = UUID("6f1c1f38-5b8e-4a52-8f8e-0c9a6f0d2b11")
 
@@ -73,10 +73,15 @@ def test_wan_video_plan_has_one_video_row_and_rounds_frames():
     assert "negative_prompt" not in plan.metadata
 
 
-def test_user_metadata_is_merged_but_cannot_overwrite_system_keys():
-    plan = plan_job(request(seed=5, metadata={"queue": "fake", "source": "workspace"}), USER)
-    assert plan.metadata["source"] == "workspace"
-    assert plan.metadata["queue"] == "sdxl_queue"
+def test_user_metadata_is_merged_and_every_key_the_service_writes_is_reserved():
+    for body in (
+        {"num_images": 3, "negative_prompt": "blur"},
+        {"job_type": "video_high", "frame_num": 17},
+        {"job_type": "image7b_fast_enhanced"},
+    ):
+        plan = plan_job(request(metadata={"source": "workspace"}, **body), USER)
+        assert plan.metadata["source"] == "workspace"
+        assert set(plan.metadata) - {"source"} <= RESERVED_METADATA_KEYS
 
 
 def test_fingerprint_tells_different_bodies_apart():

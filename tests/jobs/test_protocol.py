@@ -56,12 +56,27 @@ def test_accepts_the_seeds_camel_case_payload_with_prompt_in_metadata():
             "not both",
         ),
         ({"colour": "red"}, "Extra inputs are not permitted"),
+        ({"seed": True}, "valid integer"),
+        ({"seed": "12"}, "valid integer"),
+        ({"num_images": 3.0}, "valid integer"),
+        ({"job_type": "image_fast", "reference_type": "style"}, "only supported by SDXL"),
+        ({"metadata": {"error_type": "forged"}}, "set by the service"),
     ],
 )
 def test_rejects_invalid_requests_with_a_clear_message(fields, message):
     with pytest.raises(ValidationError) as caught:
         make(**fields)
     assert message in str(caught.value)
+
+
+def test_explicit_nulls_mean_absent_as_the_seed_payload_sends_them():
+    request = make(seed=None, reference_type=None, reference_strength=None, metadata=None)
+    assert (request.seed, request.reference_type.value, request.reference_strength) == (
+        None,
+        "style",
+        0.7,
+    )
+    assert request.metadata == {}
 
 
 def test_defaults_leave_generation_options_to_the_catalog():

@@ -6,7 +6,12 @@ import pytest
 from ourvidz_serve.errors import Conflict, InvalidRequest
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.protocol import JobRequest, JobStatus
-from ourvidz_serve.persistence.repository import AssetCompletion, JobFilters, JobRepository
+from ourvidz_serve.persistence.repository import (
+    AssetCompletion,
+    JobFilters,
+    JobRepository,
+    JobStateError,
+)
 
 USER = UUID("6f1c1f38-5b8e-4a52-8f8e-0c9a6f0d2b11")
 
@@ -54,10 +59,50 @@ async def test_completion_updates_the_asset_rows_and_never_inserts(repository):
 
 async def test_completing_an_asset_without_a_row_fails_and_changes_nothing(repository):
     job, _ = await repository.insert_job(plan(num_images=1))
-    with pytest.raises(RuntimeError, match="has no row"):
+    await repository.claim_jobs("sdxl_queue", 1)
+    with pytest.raises(JobStateError, match="has no row"):
         await repository.complete_job(job.id, {}, [AssetCompletion(5, "x.png", {})])
     unchanged = await repository.get_job(job.id)
-    assert unchanged is not None and unchanged.status is JobStatus.QUEUED
+    assert unchanged is not None and unchanged.status is JobStatus.PROCESSING
+    assert {a.status for a in unchanged.assets} == {JobStatus.PROCESSING}
+
+
+async def test_only_a_processing_job_can_be_completed(repository):
+    job, _ = await repository.insert_job(plan(num_images=1))
+    completion = [AssetCompletion(0, job.assets[0].path, {})]
+    with pytest.raises(JobStateError, match="not processing"):
+        await repository.complete_job(job.id, {}, completion)
+    await repository.claim_jobs("sdxl_queue", 1)
+    await repository.complete_job(job.id, {}, completion)
+    with pytest.raises(JobStateError, match="not processing"):
+        await repository.complete_job(job.id, {}, completion)
+    assert not await repository.fail_job(job.id, "too late", "Probe", {})
+    done = await repository.get_job(job.id)
+    assert done is not None and done.status is JobStatus.COMPLETED
+    assert "error_type" not in done.metadata
+
+
+async def test_asset_urls_are_set_on_completion_not_at_submission(repository):
+    job, _ = await repository.insert_job(plan("video_fast"))
+    row = await repository.pool.fetchrow("SELECT video_url, metadata FROM videos")
+    assert row["video_url"] is None
+    assert row["metadata"]["stored_path"] == job.assets[0].path == f"{USER}/{job.id}.mp4"
+    await repository.claim_jobs("wan_queue", 1)
+    await repository.complete_job(job.id, {}, [AssetCompletion(0, job.assets[0].path, {})])
+    assert await repository.pool.fetchval("SELECT video_url FROM videos") == job.assets[0].path
+
+
+async def test_a_requeued_job_is_queued_again_with_its_assets_and_claimed_anew(repository):
+    job, _ = await repository.insert_job(plan(num_images=3))
+    await repository.claim_jobs("sdxl_queue", 1)
+    assert await repository.requeue_job(job.id)
+    queued = await repository.get_job(job.id)
+    assert queued is not None and queued.status is JobStatus.QUEUED
+    assert queued.started_at is None
+    assert {a.status for a in queued.assets} == {JobStatus.QUEUED}
+    [again] = await repository.claim_jobs("sdxl_queue", 1)
+    assert again.attempts == 2
+    assert not await repository.requeue_job(uuid4())
 
 
 async def test_a_wan_video_job_has_exactly_one_video_row(repository):
@@ -91,7 +136,7 @@ async def test_claims_take_the_oldest_of_the_right_queue(repository):
 
 async def test_failure_records_message_and_error_type_on_job_and_assets(repository):
     job, _ = await repository.insert_job(plan(num_images=3))
-    await repository.fail_job(job.id, "out of paint", "GenerationError", {"generation_time": 0.1})
+    assert await repository.fail_job(job.id, "out of paint", "GenerationError", {"total_time": 1})
     failed = await repository.get_job(job.id)
     assert failed is not None and failed.status is JobStatus.FAILED
     assert failed.error_message == "out of paint"
