@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
@@ -88,13 +89,21 @@ class Settings(BaseSettings):
     def local_storage_dir(self) -> Path:
         return self.data_dir.resolve() / "storage"
 
+    @property
+    def dev_key_path(self) -> Path:
+        return self.data_dir.resolve() / "dev-api-key"
+
     def with_generated_dev_key(self) -> tuple[Settings, str | None]:
-        """In the tiny profile with no keys, make one development key; elsewhere require keys."""
+        """In the tiny profile with no keys, use a development key; elsewhere require keys.
+
+        The key is made once and kept in the data directory, so restarts and app rebuilds
+        keep it (and the signed URLs derived from it) valid.
+        """
         if self.api_keys:
             return self, None
         if self.model_profile is not ModelProfile.TINY:
             raise ValueError("OURVIDZ_API_KEYS must be set outside the tiny profile")
-        key = "dev-" + secrets.token_urlsafe(24)
+        key = _load_or_create_dev_key(self.dev_key_path)
         return self.model_copy(update={"api_keys": [key]}), key
 
     def signing_key(self) -> bytes:
@@ -104,3 +113,14 @@ class Settings(BaseSettings):
         if not self.api_keys:
             raise ValueError("no url_signing_secret and no API key to derive one from")
         return ("ourvidz-url-signing:" + self.api_keys[0]).encode()
+
+
+def _load_or_create_dev_key(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = "dev-" + secrets.token_urlsafe(24)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
+    return key

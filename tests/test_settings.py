@@ -26,17 +26,21 @@ def test_an_unknown_profile_is_refused(monkeypatch):
         Settings()
 
 
-def test_tiny_profile_without_keys_generates_one_development_key():
-    settings, key = Settings(api_keys=[]).with_generated_dev_key()
+def test_tiny_profile_without_keys_makes_one_development_key_and_keeps_it(tmp_path):
+    settings, key = Settings(api_keys=[], data_dir=tmp_path).with_generated_dev_key()
     assert key is not None and key.startswith("dev-") and len(key) > 20
     assert settings.api_keys == [key]
-    _, second = Settings(api_keys=[]).with_generated_dev_key()
-    assert second != key
+    assert (settings.dev_key_path.stat().st_mode & 0o777) == 0o600
+    _, again = Settings(api_keys=[], data_dir=tmp_path).with_generated_dev_key()
+    assert again == key
+    _, elsewhere = Settings(api_keys=[], data_dir=tmp_path / "other").with_generated_dev_key()
+    assert elsewhere != key
 
 
-def test_configured_keys_are_kept_and_no_key_is_generated():
-    settings, key = Settings(api_keys=["real"]).with_generated_dev_key()
+def test_configured_keys_are_kept_and_no_key_is_generated(tmp_path):
+    settings, key = Settings(api_keys=["real"], data_dir=tmp_path).with_generated_dev_key()
     assert (settings.api_keys, key) == (["real"], None)
+    assert not settings.dev_key_path.exists()
 
 
 @pytest.mark.parametrize("profile", ["full-random", "weights"])

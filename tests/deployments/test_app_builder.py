@@ -4,8 +4,9 @@ from ray.serve import Application
 from ourvidz_serve.deployments.app import build_app
 
 
-def test_the_tiny_default_prints_a_development_key(monkeypatch, capsys):
+def test_the_tiny_default_prints_a_development_key(monkeypatch, capsys, tmp_path):
     monkeypatch.delenv("OURVIDZ_API_KEYS", raising=False)
+    monkeypatch.setenv("OURVIDZ_DATA_DIR", str(tmp_path))
     assert isinstance(build_app({}), Application)
     printed = capsys.readouterr().err
     assert "development API key (tiny profile, no OURVIDZ_API_KEYS): dev-" in printed
