@@ -294,12 +294,7 @@ class JobRepository:
             if not rows:
                 return []
             ids = [row["id"] for row in rows]
-            for table in ("images", "videos"):
-                await connection.execute(
-                    f"UPDATE {table} SET status = 'processing', updated_at = clock_timestamp() "
-                    "WHERE job_id = ANY($1::uuid[])",
-                    ids,
-                )
+            await _set_asset_status(connection, ids, JobStatus.PROCESSING)
             assets = await self._fetch_assets(connection, ids)
         jobs = [_job_record(row, assets.get(row["id"], [])) for row in rows]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
@@ -381,14 +376,12 @@ class JobRepository:
             )
             if status != "UPDATE 1":
                 return False
-            for table in ("images", "videos"):
-                await connection.execute(
-                    f"UPDATE {table} SET status = 'failed', "
-                    "metadata = metadata || $2::jsonb, updated_at = clock_timestamp() "
-                    "WHERE job_id = $1",
-                    job_id,
-                    {"error_type": error_type, "error_message": error_message},
-                )
+            await _set_asset_status(
+                connection,
+                [job_id],
+                JobStatus.FAILED,
+                {"error_type": error_type, "error_message": error_message},
+            )
         return True
 
     async def requeue_job(self, job_id: UUID) -> bool:
@@ -404,12 +397,7 @@ class JobRepository:
             )
             if status != "UPDATE 1":
                 return False
-            for table in ("images", "videos"):
-                await connection.execute(
-                    f"UPDATE {table} SET status = 'queued', updated_at = clock_timestamp() "
-                    "WHERE job_id = $1",
-                    job_id,
-                )
+            await _set_asset_status(connection, [job_id], JobStatus.QUEUED)
             await connection.execute(
                 "SELECT pg_notify($1, queue) FROM jobs WHERE id = $2", NOTIFY_CHANNEL, job_id
             )
@@ -420,6 +408,23 @@ class JobRepository:
             "SELECT queue, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY queue"
         )
         return {row["queue"]: row["n"] for row in rows}
+
+
+async def _set_asset_status(
+    connection: asyncpg.Connection,
+    job_ids: list[UUID],
+    status: JobStatus,
+    metadata_patch: dict[str, Any] | None = None,
+) -> None:
+    """Give every asset row (image or video) of these jobs the job's new status."""
+    for table in ("images", "videos"):
+        await connection.execute(
+            f"UPDATE {table} SET status = $2, metadata = metadata || $3::jsonb, "
+            "updated_at = clock_timestamp() WHERE job_id = ANY($1::uuid[])",
+            job_ids,
+            status.value,
+            metadata_patch or {},
+        )
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:
