@@ -14,6 +14,7 @@ runs in this process, so both figures share its limit and only their ratio is me
 
 import argparse
 import asyncio
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +25,8 @@ import ray
 from fastapi import FastAPI, Request
 from ray import serve
 
-from ourvidz_serve.launcher import free_loopback_port, run_service
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
+from tests.launcher import free_loopback_port, run_service
 
 echo_api = FastAPI()
 
@@ -63,7 +65,16 @@ async def drive(url: str, body: dict, headers: dict, clients: int, seconds: floa
 
 def echo_throughput(clients: int, seconds: float, body: dict) -> float:
     port = free_loopback_port()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # A Ray instance of its own: never one that `ray start` or RAY_ADDRESS points at, which
+    # serve.shutdown() below would strip of its applications.
+    ray_tmpdir = tempfile.TemporaryDirectory(prefix="ovz", dir="/tmp", ignore_cleanup_errors=True)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=ray_tmpdir.name,
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(Echo.bind(), name="echo", route_prefix="/")
@@ -71,6 +82,7 @@ def echo_throughput(clients: int, seconds: float, body: dict) -> float:
     finally:
         serve.shutdown()
         ray.shutdown()
+        ray_tmpdir.cleanup()
 
 
 def submission_throughput(clients: int, seconds: float, body: dict) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from datetime import datetime
@@ -25,11 +26,13 @@ import httpx
 import torch
 
 from ourvidz_serve.catalog import JOB_TYPES, ModelFamily
-from ourvidz_serve.launcher import run_service
 from ourvidz_serve.pipelines.base import ImageRequest, VideoRequest
 from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
 from ourvidz_serve.pipelines.wan import WanPipelineRunner
 from ourvidz_serve.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
+from tests.launcher import run_service
 
 USER = str(uuid4())
 MEASURED = ("sdxl_image_fast", "image_fast", "video_fast")

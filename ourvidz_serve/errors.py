@@ -47,6 +47,12 @@ class ServiceUnavailable(OurVidzError):
     code = "unavailable"
 
 
+class DatabaseUnavailable(ServiceUnavailable):
+    """PostgreSQL cannot be reached (down, restarting, refusing connections)."""
+
+    code = "database_unavailable"
+
+
 class StorageError(OurVidzError):
     status_code = 502
     code = "storage_error"

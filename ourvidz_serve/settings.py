@@ -8,7 +8,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -67,12 +67,39 @@ class Settings(BaseSettings):
     callback_url: str | None = None
     callback_secret: SecretStr | None = None
 
-    dispatch_enabled: bool = Field(
-        True, description="Run a dispatcher in each ingress replica (off: accept jobs only)"
+    workers_enabled: bool = Field(
+        True,
+        description="Model replicas claim and run queued jobs (off: jobs are accepted and stay "
+        "queued, e.g. to benchmark submission alone)",
     )
-    dispatch_poll_interval_s: float = Field(0.5, gt=0)
-    sdxl_max_inflight: int = Field(12, ge=1, description="SDXL jobs one dispatcher runs at once")
-    wan_max_inflight: int = Field(2, ge=1, description="WAN jobs one dispatcher runs at once")
+    queue_poll_interval_s: float = Field(
+        0.5, gt=0, description="How often a worker looks for work when no NOTIFY woke it"
+    )
+    sdxl_batch_images: int = Field(
+        6, ge=1, le=64, description="Images one SDXL replica claims and runs in one call"
+    )
+    wan_concurrency: int = Field(1, ge=1, description="WAN jobs one replica runs at once")
+    lease_s: float = Field(
+        30.0, gt=0, description="A claim's lease; a replica that stops renewing it loses the job"
+    )
+    heartbeat_interval_s: float = Field(5.0, gt=0, description="How often held leases renew")
+    reaper_interval_s: float = Field(5.0, gt=0, description="How often expired leases are reaped")
+    max_attempts: int = Field(
+        3, ge=1, description="Claims a job may use before an expired lease fails it for good"
+    )
+    worker_shutdown_grace_s: float = Field(
+        15.0,
+        ge=0,
+        description="A stopping replica finishes running jobs this long, then releases them; "
+        "keep it below the deployment's graceful_shutdown_timeout_s",
+    )
+    storage_put_attempts: int = Field(5, ge=1, description="Tries per file upload")
+    record_retry_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long a worker keeps retrying to record an outcome while the database "
+        "is unavailable",
+    )
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -80,6 +107,12 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
         return value
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_interval_s >= self.lease_s:
+            raise ValueError("heartbeat_interval_s must be shorter than lease_s")
+        return self
 
     @property
     def embedded_database_dir(self) -> Path:

@@ -35,7 +35,7 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         database_url=database_url,
         data_dir=tmp_path / "data",
         api_keys=[TEST_API_KEY],
-        dispatch_poll_interval_s=0.2,
+        queue_poll_interval_s=0.2,
     )
 
 

@@ -37,12 +37,20 @@ def test_every_serve_config_names_the_builder_and_sizes_every_deployment():
         assert set(deployments) == {"Ingress", "SDXL", "WAN", "Enhancer"}, path
         assert all("max_ongoing_requests" in d for d in deployments.values()), path
         assert deployments["Ingress"]["max_ongoing_requests"] > 5, path
+        for name in ("SDXL", "WAN"):
+            # The worker's shutdown grace (15 s by default) must fit in Serve's.
+            assert deployments[name]["graceful_shutdown_timeout_s"] > 15, (path, name)
 
 
-def test_the_cpu_config_gives_every_replica_a_fraction_of_a_cpu():
+def most_replicas(deployment: dict) -> int:
+    autoscaling = deployment.get("autoscaling_config")
+    return int(autoscaling["max_replicas"] if autoscaling else deployment["num_replicas"])
+
+
+def test_the_cpu_config_fits_every_replica_on_two_cpus_even_when_scaled_up():
     config = yaml.safe_load((REPO / "serve_config.yaml").read_text())
     deployments = config["applications"][0]["deployments"]
-    assert sum(d["ray_actor_options"]["num_cpus"] * d["num_replicas"] for d in deployments) <= 2
+    assert sum(d["ray_actor_options"]["num_cpus"] * most_replicas(d) for d in deployments) <= 2
     assert all(d["ray_actor_options"]["num_cpus"] < 1 for d in deployments)
 
 

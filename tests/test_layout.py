@@ -22,6 +22,7 @@ def test_code_that_needs_no_ray_does_not_import_it():
         "ourvidz_serve.pipelines.sdxl",
         "ourvidz_serve.storage.s3",
         "ourvidz_serve.persistence.repository",
-        "ourvidz_serve.dispatch.executor",
+        "ourvidz_serve.workers.worker",
+        "ourvidz_serve.workers.handlers",
     ):
         assert "ray" not in loaded_after_import(module), module

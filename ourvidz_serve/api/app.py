@@ -1,7 +1,9 @@
-"""The FastAPI app factory. Its lifespan opens the pool, storage and dispatcher."""
+"""The FastAPI app factory. Its lifespan opens the pool and storage and runs a reaper."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -11,44 +13,37 @@ from fastapi import FastAPI
 from ourvidz_serve import __version__
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.errors import install_error_handlers
+from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.state import AppState
-from ourvidz_serve.catalog import Queue
-from ourvidz_serve.dispatch.dispatcher import Dispatcher
-from ourvidz_serve.dispatch.executor import JobExecutor
-from ourvidz_serve.dispatch.model_client import ModelClient
 from ourvidz_serve.jobs.router import router as jobs_router
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
+from ourvidz_serve.workers.reaper import run_reaper
 
 logger = logging.getLogger(__name__)
 
 
 @asynccontextmanager
 async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterator[AppState]:
-    """Open the database, storage and dispatcher; close them in reverse order."""
+    """Open the database and storage and start a reaper; close them in reverse order.
+
+    The ingress runs no jobs; it reaps expired leases too because every replica with a pool
+    does, so a crashed model replica's jobs come back even while no model replica is up.
+    """
     async with AsyncExitStack() as stack:
         pool = await stack.enter_async_context(open_database(settings))
         storage = create_storage(settings)
         await storage.start()
         stack.push_async_callback(storage.close)
         repository = JobRepository(pool)
-        executor = JobExecutor(repository, storage, models)
-        dispatcher = Dispatcher(
-            repository,
-            executor.run,
-            capacities={
-                Queue.SDXL.value: settings.sdxl_max_inflight,
-                Queue.WAN.value: settings.wan_max_inflight,
-            },
-            poll_interval_s=settings.dispatch_poll_interval_s,
+        reaper = asyncio.create_task(
+            run_reaper(repository, settings.reaper_interval_s, settings.max_attempts)
         )
-        if settings.dispatch_enabled:
-            await dispatcher.start()
-            stack.push_async_callback(dispatcher.stop)
+        stack.push_async_callback(_cancelled, reaper)
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
             settings=settings,
@@ -56,9 +51,14 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             storage=storage,
             models=models,
             jobs=JobService(repository, storage),
-            dispatcher=dispatcher,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
         )
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def create_app(settings: Settings, models: ModelClient) -> FastAPI:

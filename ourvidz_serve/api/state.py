@@ -5,8 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ourvidz_serve.api.auth import Authenticator
-from ourvidz_serve.dispatch.dispatcher import Dispatcher
-from ourvidz_serve.dispatch.model_client import ModelClient
+from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
@@ -20,5 +19,4 @@ class AppState:
     storage: Storage
     models: ModelClient
     jobs: JobService
-    dispatcher: Dispatcher
     authenticator: Authenticator

@@ -28,9 +28,10 @@ def build_app(args: dict[str, Any]) -> Application:
             flush=True,
         )
     # The @serve.deployment decorator turns each class into a Deployment with .bind().
+    enhancer = EnhancerDeployment.bind(settings)  # type: ignore[attr-defined]
     return IngressDeployment.bind(  # type: ignore[attr-defined]
         settings,
         SDXLDeployment.bind(settings),  # type: ignore[attr-defined]
-        WanDeployment.bind(settings),  # type: ignore[attr-defined]
-        EnhancerDeployment.bind(settings),  # type: ignore[attr-defined]
+        WanDeployment.bind(settings, enhancer),  # type: ignore[attr-defined]
+        enhancer,
     )

@@ -1,4 +1,4 @@
-"""The dispatcher's ModelClient over Ray Serve deployment handles."""
+"""The models as the ingress and the WAN worker see them, over Ray Serve handles."""
 
 from __future__ import annotations
 
@@ -8,38 +8,32 @@ from typing import Any
 from ray.exceptions import RayTaskError
 from ray.serve.handle import DeploymentHandle
 
-from ourvidz_serve.pipelines.base import (
-    EncodedAsset,
-    EnhanceRequest,
-    EnhanceResult,
-    ImageRequest,
-    VideoRequest,
-)
+from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
 
 
-class RayModelClient:
-    def __init__(
-        self, sdxl: DeploymentHandle, wan: DeploymentHandle, enhancer: DeploymentHandle
-    ) -> None:
-        self._sdxl, self._wan, self._enhancer = sdxl, wan, enhancer
-
-    async def generate_images(self, requests: list[ImageRequest]) -> list[EncodedAsset]:
-        result: list[EncodedAsset] = await _unwrapped(self._sdxl.generate_images.remote(requests))
-        return result
-
-    async def generate_video(self, request: VideoRequest) -> EncodedAsset:
-        result: EncodedAsset = await _unwrapped(self._wan.generate_video.remote(request))
-        return result
+class RayEnhancer:
+    def __init__(self, enhancer: DeploymentHandle) -> None:
+        self._enhancer = enhancer
 
     async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
         result: list[EnhanceResult] = await _unwrapped(self._enhancer.enhance.remote(requests))
         return result
 
+
+class RayModelClient(RayEnhancer):
+    """Readiness of every model deployment, and enhancement, for the ingress."""
+
+    def __init__(
+        self, sdxl: DeploymentHandle, wan: DeploymentHandle, enhancer: DeploymentHandle
+    ) -> None:
+        super().__init__(enhancer)
+        self._handles = {"sdxl": sdxl, "wan": wan, "enhancer": enhancer}
+
     async def check(self) -> dict[str, str]:
-        names = ("sdxl", "wan", "enhancer")
-        handles = (self._sdxl, self._wan, self._enhancer)
-        answers = await asyncio.gather(*(_unwrapped(h.ready.remote()) for h in handles))
-        return dict(zip(names, answers, strict=True))
+        answers = await asyncio.gather(
+            *(_unwrapped(handle.ready.remote()) for handle in self._handles.values())
+        )
+        return dict(zip(self._handles, answers, strict=True))
 
 
 async def _unwrapped(response: Any) -> Any:

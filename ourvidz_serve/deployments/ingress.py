@@ -1,4 +1,4 @@
-"""The ingress deployment: the FastAPI app (routes, dispatcher) inside a Serve replica."""
+"""The ingress deployment: the FastAPI app (validate, persist, read) inside a Serve replica."""
 
 from __future__ import annotations
 

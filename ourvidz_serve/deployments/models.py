@@ -1,67 +1,114 @@
-"""Model deployments. Each wraps one pipeline runner; the runners know nothing of Ray.
+"""Model deployments. SDXL and WAN replicas are queue workers; the enhancer answers calls.
 
-Pipeline calls run in a worker thread so that the replica's event loop keeps answering
-health checks and queueing requests while a model is busy.
+Each SDXL and WAN replica opens its own pool and storage and runs a
+:class:`~ourvidz_serve.workers.worker.QueueWorker` around its pipeline runner: it claims jobs
+from PostgreSQL up to its free capacity, so the replica holding a job is the one running it.
+Serve stops a replica (scale-down, redeploy) through ``__del__``, which finishes what fits in
+the grace period and releases the rest to the queue. The runners know nothing of Ray.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import socket
+from contextlib import AsyncExitStack
+from typing import Any
 
 from ray import serve
+from ray.serve.handle import DeploymentHandle
 
-from ourvidz_serve.pipelines.base import (
-    EncodedAsset,
-    EnhanceRequest,
-    EnhanceResult,
-    ImageRequest,
-    VideoRequest,
-)
+from ourvidz_serve.catalog import Queue
+from ourvidz_serve.deployments.autoscaling import BACKLOG_METRIC, RUNNING_METRIC
+from ourvidz_serve.deployments.client import RayEnhancer
+from ourvidz_serve.persistence.database import open_database
+from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
 from ourvidz_serve.settings import Settings
+from ourvidz_serve.storage import create_storage
+from ourvidz_serve.workers.handlers import JobHandler
+from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
+
+logger = logging.getLogger(__name__)
+
+
+def _worker_id(deployment: str) -> str:
+    """Who holds a lease: replica, host and process, so an operator can find it."""
+    replica = serve.get_replica_context().replica_id.unique_id
+    return f"{deployment}:{replica}@{socket.gethostname()}:{os.getpid()}"
+
+
+class _QueueWorkerReplica:
+    """Opens the pool and storage and runs one queue worker for the replica's lifetime."""
+
+    _deployment: str
+    _queue: Queue
+
+    async def _start_worker(self, settings: Settings, handler_for: Any) -> None:
+        self._stack = AsyncExitStack()
+        self._worker: QueueWorker | None = None
+        pool = await self._stack.enter_async_context(open_database(settings))
+        storage = create_storage(settings)
+        await storage.start()
+        self._stack.push_async_callback(storage.close)
+        handler: JobHandler = handler_for(storage)
+        if settings.workers_enabled:
+            self._worker = QueueWorker(
+                JobRepository(pool),
+                storage,
+                handler,
+                WorkerConfig.for_queue(settings, self._queue),
+                _worker_id(self._deployment),
+            )
+            await self._worker.start()
+            self._stack.push_async_callback(self._worker.stop)
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The queue's backlog and this replica's running units, for the backlog policy."""
+        backlog, running = self._worker.load() if self._worker is not None else (0, 0)
+        # Always numbers: Serve turns custom metrics off for good if the first answer is not.
+        return {BACKLOG_METRIC: float(backlog), RUNNING_METRIC: float(running)}
+
+    def ready(self) -> str:
+        return "ok"
+
+    async def __del__(self) -> None:
+        stack = getattr(self, "_stack", None)  # absent when __init__ failed early
+        if stack is not None:
+            await stack.aclose()
 
 
 @serve.deployment(name="SDXL")
-class SDXLDeployment:
-    """SDXL text-to-image and image-to-image; images from concurrent jobs share a call."""
+class SDXLDeployment(_QueueWorkerReplica):
+    """SDXL text-to-image and image-to-image; one pipeline call per claimed batch."""
 
-    def __init__(self, settings: Settings) -> None:
+    _deployment, _queue = "SDXL", Queue.SDXL
+
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
+        from ourvidz_serve.workers.handlers import SDXLJobHandler
 
-        self._runner = SDXLPipelineRunner.build(settings)
-
-    @serve.batch(max_batch_size=6, batch_wait_timeout_s=0.01)
-    async def _generate_batch(self, requests: list[ImageRequest]) -> list[EncodedAsset]:
-        return await asyncio.to_thread(self._runner.generate, requests)
-
-    async def generate_images(self, requests: list[ImageRequest]) -> list[EncodedAsset]:
-        """All images of one job; the runner keeps the seed rule whatever the batch.
-
-        The job's requests are validated before they join a batch, so that one job's bad
-        input (an undecodable reference, say) fails that job alone, not its batch-mates.
-        """
-        await asyncio.to_thread(self._runner.validate, requests)
-        return list(await asyncio.gather(*(self._generate_batch(r) for r in requests)))
-
-    def ready(self) -> str:
-        return "ok"
+        runner = await asyncio.to_thread(SDXLPipelineRunner.build, settings)
+        await self._start_worker(settings, lambda storage: SDXLJobHandler(runner, storage))
 
 
 @serve.deployment(name="WAN")
-class WanDeployment:
-    """WAN 2.1 text-to-video and text-to-image, one generation at a time."""
+class WanDeployment(_QueueWorkerReplica):
+    """WAN 2.1 text-to-video and text-to-image; enhanced types ask the enhancer first."""
 
-    def __init__(self, settings: Settings) -> None:
+    _deployment, _queue = "WAN", Queue.WAN
+
+    async def __init__(  # type: ignore[misc]
+        self, settings: Settings, enhancer: DeploymentHandle
+    ) -> None:
         from ourvidz_serve.pipelines.wan import WanPipelineRunner
+        from ourvidz_serve.workers.handlers import WanJobHandler
 
-        self._runner = WanPipelineRunner.build(settings)
-        self._lock = asyncio.Lock()
-
-    async def generate_video(self, request: VideoRequest) -> EncodedAsset:
-        async with self._lock:
-            return await asyncio.to_thread(self._runner.generate, request)
-
-    def ready(self) -> str:
-        return "ok"
+        runner = await asyncio.to_thread(WanPipelineRunner.build, settings)
+        await self._start_worker(
+            settings, lambda _storage: WanJobHandler(runner, RayEnhancer(enhancer))
+        )
 
 
 @serve.deployment(name="Enhancer")

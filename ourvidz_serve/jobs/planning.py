@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -21,34 +20,10 @@ from ourvidz_serve.catalog import (
     expected_generation_time,
     nearest_wan_frame_count,
 )
-from ourvidz_serve.jobs.protocol import MAX_SEED, AssetKind, JobRequest
+from ourvidz_serve.domain import AssetKind, AssetPlan, JobPlan
+from ourvidz_serve.jobs.protocol import MAX_SEED, JobRequest
 from ourvidz_serve.prompts import generate_negative_prompt_for_sdxl, prompt_stats
 from ourvidz_serve.storage import asset_key
-
-
-@dataclass(frozen=True)
-class AssetPlan:
-    index: int
-    seed: int
-    bucket: str
-    path: str
-    metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class JobPlan:
-    job_id: UUID
-    user_id: UUID
-    spec: JobTypeSpec
-    prompt: str
-    metadata: dict[str, Any]
-    assets: list[AssetPlan]
-    project_id: UUID | None = None
-    video_id: UUID | None = None
-    image_id: UUID | None = None
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-    asset_kind: AssetKind = field(default=AssetKind.IMAGE)
 
 
 def asset_seed(job_seed: int, index: int) -> int:
@@ -170,4 +145,17 @@ def plan_job(
         idempotency_key=idempotency_key,
         request_hash=request_fingerprint(request, user_id) if idempotency_key else None,
         asset_kind=kind,
+        batch_key=batch_key(spec, system),
+        units=num_images if spec.model is ModelFamily.SDXL else 1,
     )
+
+
+def batch_key(spec: JobTypeSpec, metadata: dict[str, Any]) -> str:
+    """Jobs whose images can share one pipeline call have equal keys.
+
+    SDXL settings follow from the job type, except image-to-image and its strength. WAN runs
+    one job per call, so its key is just the job type.
+    """
+    if "reference_image_key" in metadata:
+        return f"{spec.job_type}:reference:{metadata['reference_strength']}"
+    return spec.job_type

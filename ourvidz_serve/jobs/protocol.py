@@ -11,6 +11,7 @@ from uuid import UUID
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ourvidz_serve.catalog import JOB_TYPES, WAN_MAX_FRAMES, ModelFamily, OutputFormat
+from ourvidz_serve.domain import AssetKind, JobStatus
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS
 
 MAX_SEED = 2**32 - 1
@@ -41,21 +42,14 @@ RESERVED_METADATA_KEYS = frozenset(
         "reference_image_url", "reference_type", "reference_strength", "frame_num",
         "frame_num_requested", "sample_steps", "sample_guide_scale", "sample_solver",
         "sample_shift", "fps",
-        # written while and after running (dispatch.executor)
-        "queue_wait_time", "original_prompt", "enhanced_prompt", "enhancement_fallback",
+        # written while and after running (workers)
+        "attempt", "enhancement_time", "pipeline_batch_images", "queue_wait_time",
+        "original_prompt", "enhanced_prompt", "enhancement_fallback",
         "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
         "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
     }
 )  # fmt: skip
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    PROCESSING = "processing"
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
 
 
 class ReferenceType(StrEnum):
@@ -146,11 +140,6 @@ class JobRequest(BaseModel):
                 "reference_images bucket and pass reference_image_key"
             )
         return self
-
-
-class AssetKind(StrEnum):
-    IMAGE = "image"
-    VIDEO = "video"
 
 
 class AssetResource(BaseModel):

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,11 +15,24 @@ from uuid import UUID
 
 import asyncpg
 
-from ourvidz_serve.errors import Conflict, InvalidRequest
-from ourvidz_serve.jobs.planning import JobPlan
-from ourvidz_serve.jobs.protocol import AssetKind, JobStatus
+from ourvidz_serve.domain import AssetKind, JobPlan, JobStatus
+from ourvidz_serve.errors import Conflict, DatabaseUnavailable, InvalidRequest
+from ourvidz_serve.persistence.queries import load_queries
+
+logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "ourvidz_jobs_queued"
+
+# What a lost or unreachable server raises; each becomes DatabaseUnavailable (HTTP 503).
+_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.TooManyConnectionsError,
+)
 
 
 class JobStateError(RuntimeError):
@@ -58,6 +75,11 @@ class JobRecord:
     video_id: UUID | None
     image_id: UUID | None
     attempts: int
+    """The attempt number of the latest claim: fences that attempt's outcome."""
+    claimed_by: str | None
+    lease_expires_at: datetime | None
+    units: int
+    """Work in the queue's capacity unit: images for SDXL, jobs for WAN."""
     request_hash: str | None
     created_at: datetime
     started_at: datetime | None
@@ -84,13 +106,26 @@ class JobFilters:
     job_type: str | None = None
 
 
+@dataclass(frozen=True)
+class ReapedJob:
+    id: UUID
+    queue: str
+    status: JobStatus
+    """``queued`` for a re-run, ``failed`` once the job used its attempts."""
+    attempts: int
+
+
 _JOB_COLUMNS = """
     id, user_id, job_type, format, quality, model_type, queue, status, metadata, project_id,
-    video_id, image_id, attempts, request_hash, created_at, started_at, completed_at,
-    error_message
+    video_id, image_id, attempts, claimed_by, lease_expires_at, units, request_hash,
+    created_at, started_at, completed_at, error_message
 """
 
 _JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
+
+QUERIES = load_queries(
+    substitutions={"job_columns": _JOB_COLUMNS.strip(), "notify_channel": NOTIFY_CHANNEL}
+)
 
 _ASSETS_OF_JOBS = """
     SELECT job_id, id, 'image' AS kind, image_index AS idx, status,
@@ -124,12 +159,20 @@ class JobRepository:
     def __init__(self, pool: asyncpg.Pool) -> None:
         self._pool = pool
 
-    @property
-    def pool(self) -> asyncpg.Pool:
-        return self._pool
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled connection; a lost or unreachable server raises ``DatabaseUnavailable``."""
+        try:
+            async with self._pool.acquire() as connection:
+                yield connection
+        except _UNAVAILABLE_ERRORS as exc:
+            raise DatabaseUnavailable(
+                f"the database is unavailable: {type(exc).__name__}: {exc}"
+            ) from exc
 
     async def ping(self) -> None:
-        await self._pool.fetchval("SELECT 1")
+        async with self._connection() as connection:
+            await connection.fetchval("SELECT 1")
 
     async def insert_job(self, plan: JobPlan) -> tuple[JobRecord, bool]:
         """Insert the job and all its asset rows in one transaction and wake the dispatchers.
@@ -140,14 +183,14 @@ class JobRepository:
         their RETURNING rows make the record, so a submission costs no read-back.
         """
         spec = plan.spec
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             job_row = await connection.fetchrow(
                 f"""
                 WITH inserted AS (
                     INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue,
                                       metadata, project_id, video_id, image_id,
-                                      idempotency_key, request_hash)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                                      idempotency_key, request_hash, batch_key, units)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16)
                     ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
                     DO NOTHING
                     RETURNING {_JOB_COLUMNS}
@@ -168,6 +211,8 @@ class JobRepository:
                 plan.idempotency_key,
                 plan.request_hash,
                 NOTIFY_CHANNEL,
+                plan.batch_key,
+                plan.units,
             )
             if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
@@ -216,7 +261,7 @@ class JobRepository:
         return job
 
     async def get_job(self, job_id: UUID) -> JobRecord | None:
-        async with self._pool.acquire() as connection:
+        async with self._connection() as connection:
             return await self._fetch_job(connection, job_id)
 
     async def _fetch_job(self, connection: asyncpg.Connection, job_id: UUID) -> JobRecord | None:
@@ -229,10 +274,7 @@ class JobRepository:
     async def _fetch_assets(
         self, connection: asyncpg.Connection, job_ids: list[UUID]
     ) -> dict[UUID, list[AssetRecord]]:
-        by_job: dict[UUID, list[AssetRecord]] = {}
-        for row in await connection.fetch(_ASSETS_OF_JOBS, job_ids):
-            by_job.setdefault(row["job_id"], []).append(_asset_record(row))
-        return by_job
+        return _assets_by_job(await connection.fetch(_ASSETS_OF_JOBS, job_ids))
 
     async def list_jobs(
         self, filters: JobFilters, limit: int, cursor: str | None
@@ -258,7 +300,7 @@ class JobRepository:
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} "
             f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
         )
-        async with self._pool.acquire() as connection:
+        async with self._connection() as connection:
             rows = await connection.fetch(sql, *args)
             page = rows[:limit]
             assets = await self._fetch_assets(connection, [row["id"] for row in page])
@@ -268,163 +310,156 @@ class JobRepository:
             next_cursor = encode_cursor(page[-1]["created_at"], page[-1]["id"])
         return jobs, next_cursor
 
-    async def claim_jobs(self, queue: str, limit: int) -> list[JobRecord]:
-        """Take up to ``limit`` of the oldest queued jobs of a queue and mark them processing.
+    async def claim_jobs(
+        self, queue: str, free_units: int, worker_id: str, lease_s: float
+    ) -> list[JobRecord]:
+        """Claim the oldest queued job and jobs that can share its pipeline call.
 
-        ``FOR UPDATE SKIP LOCKED`` lets any number of dispatchers claim concurrently without
-        ever handing the same job to two of them.
+        At most ``free_units`` units are claimed; each claimed job is ``processing`` under a
+        lease of ``lease_s`` held by ``worker_id``, with its attempt number incremented.
+        ``FOR UPDATE SKIP LOCKED`` lets any number of workers claim at once.
         """
-        if limit <= 0:
+        if free_units <= 0:
             return []
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             rows = await connection.fetch(
-                f"""
-                UPDATE jobs SET status = 'processing', started_at = clock_timestamp(),
-                                updated_at = clock_timestamp(), attempts = attempts + 1
-                 WHERE id IN (SELECT id FROM jobs
-                               WHERE status = 'queued' AND queue = $1
-                               ORDER BY created_at, id
-                               LIMIT $2
-                               FOR UPDATE SKIP LOCKED)
-                RETURNING {_JOB_COLUMNS}
-                """,
-                queue,
-                limit,
+                QUERIES["claim_jobs"], queue, free_units, worker_id, float(lease_s)
             )
             if not rows:
                 return []
             ids = [row["id"] for row in rows]
-            await _set_asset_status(connection, ids, JobStatus.PROCESSING)
-            assets = await self._fetch_assets(connection, ids)
+            asset_rows = await connection.fetch(
+                QUERIES["set_asset_status"], ids, JobStatus.PROCESSING.value, {}
+            )
+        assets = _assets_by_job(asset_rows)
         jobs = [_job_record(row, assets.get(row["id"], [])) for row in rows]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
 
-    async def merge_job_metadata(self, job_id: UUID, patch: dict[str, Any]) -> None:
-        await self._pool.execute(
-            "UPDATE jobs SET metadata = metadata || $2::jsonb, updated_at = clock_timestamp() "
-            "WHERE id = $1",
-            job_id,
-            patch,
-        )
+    async def heartbeat(self, held: dict[UUID, int], lease_s: float) -> set[UUID]:
+        """Extend the leases of ``{job_id: attempt}``; return the ids still held."""
+        if not held:
+            return set()
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                QUERIES["heartbeat"], list(held), list(held.values()), float(lease_s)
+            )
+        return {row["id"] for row in rows}
 
     async def complete_job(
-        self, job_id: UUID, metadata_patch: dict[str, Any], assets: list[AssetCompletion]
-    ) -> None:
-        """Mark a processing job and every asset row completed; rows are updated, not inserted.
+        self,
+        job_id: UUID,
+        attempt: int,
+        metadata_patch: dict[str, Any],
+        assets: list[AssetCompletion],
+    ) -> bool:
+        """Mark the job and every asset row completed; rows are updated, never inserted.
 
-        Raises ``JobStateError`` (and changes nothing) when the job is not processing or an
-        asset has no row.
+        Fenced: False (and nothing changed) unless the job is still ``processing`` in this
+        attempt. Raises ``JobStateError`` (and changes nothing) when an asset has no row.
         """
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             job_format = await connection.fetchval(
-                """
-                UPDATE jobs SET status = 'completed', metadata = metadata || $2::jsonb,
-                       completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                 WHERE id = $1 AND status = 'processing'
-                RETURNING format
-                """,
-                job_id,
-                metadata_patch,
+                QUERIES["complete_job"], job_id, attempt, metadata_patch
             )
             if job_format is None:
-                raise JobStateError(f"job {job_id} is not processing; not completing it")
-            for asset in assets:
-                if job_format == "video":
-                    status = await connection.execute(
-                        """
-                        UPDATE videos SET status = 'completed', video_url = $2,
-                               metadata = metadata || $3::jsonb,
-                               completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                         WHERE job_id = $1
-                        """,
-                        job_id,
-                        asset.path,
-                        asset.metadata,
-                    )
-                else:
-                    status = await connection.execute(
-                        """
-                        UPDATE images SET status = 'completed', image_url = $3,
-                               metadata = metadata || $4::jsonb,
-                               completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                         WHERE job_id = $1 AND image_index = $2
-                        """,
-                        job_id,
-                        asset.index,
-                        asset.path,
-                        asset.metadata,
-                    )
-                if status != "UPDATE 1":
-                    raise JobStateError(f"asset {asset.index} of job {job_id} has no row")
+                return False
+            if job_format == "video":
+                [asset] = assets
+                status = await connection.execute(
+                    QUERIES["complete_video"], job_id, asset.path, asset.metadata
+                )
+            else:
+                status = await connection.execute(
+                    QUERIES["complete_images"],
+                    job_id,
+                    [asset.index for asset in assets],
+                    [asset.path for asset in assets],
+                    [asset.metadata for asset in assets],
+                )
+            if status != f"UPDATE {len(assets)}":
+                raise JobStateError(f"an asset of job {job_id} has no row ({status})")
+        return True
 
     async def fail_job(
-        self, job_id: UUID, error_message: str, error_type: str, metadata: dict[str, Any]
+        self,
+        job_id: UUID,
+        attempt: int,
+        error_message: str,
+        error_type: str,
+        metadata: dict[str, Any],
     ) -> bool:
-        """Mark a job that has not ended, and its asset rows, failed; False if it had ended."""
+        """Mark the job and its asset rows failed; fenced like ``complete_job``."""
         patch = metadata | {"error_type": error_type}
-        async with self._pool.acquire() as connection, connection.transaction():
+        async with self._connection() as connection, connection.transaction():
             status = await connection.execute(
-                """
-                UPDATE jobs SET status = 'failed', error_message = $2,
-                       metadata = metadata || $3::jsonb,
-                       completed_at = clock_timestamp(), updated_at = clock_timestamp()
-                 WHERE id = $1 AND status IN ('queued', 'processing')
-                """,
-                job_id,
-                error_message,
-                patch,
+                QUERIES["fail_job"], job_id, attempt, error_message, patch
             )
             if status != "UPDATE 1":
                 return False
-            await _set_asset_status(
-                connection,
+            await connection.execute(
+                QUERIES["set_asset_status"],
                 [job_id],
-                JobStatus.FAILED,
+                JobStatus.FAILED.value,
                 {"error_type": error_type, "error_message": error_message},
             )
         return True
 
-    async def requeue_job(self, job_id: UUID) -> bool:
-        """Put a processing job (and its assets) back in the queue; False if not processing."""
-        async with self._pool.acquire() as connection, connection.transaction():
-            status = await connection.execute(
-                """
-                UPDATE jobs SET status = 'queued', started_at = NULL,
-                       updated_at = clock_timestamp()
-                 WHERE id = $1 AND status = 'processing'
-                """,
-                job_id,
-            )
-            if status != "UPDATE 1":
+    async def release_job(self, job_id: UUID, attempt: int) -> bool:
+        """Put a job this attempt holds back in the queue (its replica is stopping)."""
+        async with self._connection() as connection, connection.transaction():
+            released = await connection.fetch(QUERIES["release_job"], job_id, attempt)
+            if not released:
                 return False
-            await _set_asset_status(connection, [job_id], JobStatus.QUEUED)
             await connection.execute(
-                "SELECT pg_notify($1, queue) FROM jobs WHERE id = $2", NOTIFY_CHANNEL, job_id
+                QUERIES["set_asset_status"], [job_id], JobStatus.QUEUED.value, {}
             )
         return True
 
-    async def queue_lengths(self) -> dict[str, int]:
-        rows = await self._pool.fetch(
-            "SELECT queue, count(*) AS n FROM jobs WHERE status = 'queued' GROUP BY queue"
-        )
-        return {row["queue"]: row["n"] for row in rows}
+    async def reap_expired_leases(self, max_attempts: int, limit: int = 100) -> list[ReapedJob]:
+        """Requeue jobs whose lease expired, or fail those that used ``max_attempts``."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["reap_expired_leases"], max_attempts, limit)
+        return [
+            ReapedJob(row["id"], row["queue"], JobStatus(row["status"]), row["attempts"])
+            for row in rows
+        ]
 
+    async def queued_units(self, queue: str, max_jobs: int = 10_000) -> int:
+        """Units waiting in a queue, counted over its oldest ``max_jobs`` jobs (flat cost)."""
+        async with self._connection() as connection:
+            return int(await connection.fetchval(QUERIES["queued_units"], queue, max_jobs))
 
-async def _set_asset_status(
-    connection: asyncpg.Connection,
-    job_ids: list[UUID],
-    status: JobStatus,
-    metadata_patch: dict[str, Any] | None = None,
-) -> None:
-    """Give every asset row (image or video) of these jobs the job's new status."""
-    for table in ("images", "videos"):
-        await connection.execute(
-            f"UPDATE {table} SET status = $2, metadata = metadata || $3::jsonb, "
-            "updated_at = clock_timestamp() WHERE job_id = ANY($1::uuid[])",
-            job_ids,
-            status.value,
-            metadata_patch or {},
-        )
+    async def listen(self, on_queued: Callable[[str], None], retry_s: float = 1.0) -> None:
+        """Call ``on_queued(queue)`` for every submission or requeue, until cancelled.
+
+        Holds one pooled connection for ``LISTEN``; when it is lost (a database restart), it
+        listens again as soon as a connection can be made. Callers still poll, since a
+        notification sent while no listener was connected is gone.
+        """
+
+        def notified(_connection: Any, _pid: int, _channel: str, payload: str) -> None:
+            on_queued(payload)
+
+        while True:
+            try:
+                await self._listen_until_lost(notified)
+            except DatabaseUnavailable as exc:
+                logger.warning("LISTEN lost (%s); listening again in %.1fs", exc, retry_s)
+            await asyncio.sleep(retry_s)
+
+    async def _listen_until_lost(self, notified: Callable[[Any, int, str, str], None]) -> None:
+        async with self._connection() as connection:
+            lost = asyncio.Event()
+            connection.add_termination_listener(lambda _connection: lost.set())
+            await connection.add_listener(NOTIFY_CHANNEL, notified)
+            try:
+                # Also look every few seconds: a dead socket is not always reported at once.
+                while not connection.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), timeout=5)
+            finally:
+                if not connection.is_closed():
+                    await connection.remove_listener(NOTIFY_CHANNEL, notified)
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:
@@ -437,6 +472,13 @@ def _asset_record(row: asyncpg.Record) -> AssetRecord:
         metadata=row["metadata"],
         completed_at=row["completed_at"],
     )
+
+
+def _assets_by_job(rows: list[asyncpg.Record]) -> dict[UUID, list[AssetRecord]]:
+    by_job: dict[UUID, list[AssetRecord]] = {}
+    for row in sorted(rows, key=lambda row: (row["job_id"], row["idx"])):
+        by_job.setdefault(row["job_id"], []).append(_asset_record(row))
+    return by_job
 
 
 def _job_record(row: asyncpg.Record, assets: list[AssetRecord]) -> JobRecord:

@@ -8,31 +8,28 @@ import httpx
 import pytest
 
 from ourvidz_serve.api.app import create_app
-from ourvidz_serve.dispatch.model_client import InProcessModelClient
-from ourvidz_serve.pipelines.qwen import QwenEnhancerRunner
-from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
-from ourvidz_serve.pipelines.wan import WanPipelineRunner
 from ourvidz_serve.settings import Settings
 from tests.conftest import TEST_API_KEY
+from tests.inprocess import InProcessModels, TinyRunners, running_workers
 
 
 @pytest.fixture(scope="session")
-def tiny_models() -> InProcessModelClient:
-    settings = Settings()
-    return InProcessModelClient(
-        SDXLPipelineRunner.build(settings),
-        WanPipelineRunner.build(settings),
-        QwenEnhancerRunner.build(settings),
-    )
+def tiny_runners() -> TinyRunners:
+    return TinyRunners.build()
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_runners: TinyRunners) -> InProcessModels:
+    return InProcessModels(tiny_runners.enhancer)
 
 
 @pytest.fixture
 async def client(
-    settings: Settings, tiny_models: InProcessModelClient, repository
+    settings: Settings, tiny_models: InProcessModels, tiny_runners: TinyRunners, repository
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """An authenticated client; the app's lifespan (pool, storage, dispatcher) is running."""
+    """An authenticated client; the app's lifespan runs, and queue workers run the jobs."""
     app = create_app(settings, tiny_models)
-    async with app.router.lifespan_context(app):
+    async with app.router.lifespan_context(app), running_workers(settings, tiny_runners):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(
             transport=transport,

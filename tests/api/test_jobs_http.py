@@ -7,6 +7,7 @@ import io
 import time
 from uuid import UUID, uuid4
 
+import asyncpg
 import httpx
 import jwt
 import pytest
@@ -14,7 +15,6 @@ from PIL import Image
 from pydantic import SecretStr
 
 from ourvidz_serve.api.app import create_app
-from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
 from tests.conftest import TEST_API_KEY
@@ -28,8 +28,8 @@ def job(**fields) -> dict:
     )
 
 
-async def row_counts(repository: JobRepository) -> tuple[int, int, int]:
-    row = await repository.pool.fetchrow(
+async def row_counts(pool: asyncpg.Pool) -> tuple[int, int, int]:
+    row = await pool.fetchrow(
         "SELECT (SELECT count(*) FROM jobs) AS j, (SELECT count(*) FROM images) AS i, "
         "(SELECT count(*) FROM videos) AS v"
     )
@@ -89,22 +89,22 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize(("body", "fragment"), BAD_REQUESTS)
 async def test_invalid_submission_gets_422_with_the_error_body_and_leaves_no_row(
-    client, repository, body, fragment
+    client, repository, body, fragment, pool
 ):
     response = await client.post("/v1/jobs", json=body)
     assert_error(response, 422, "invalid_request", fragment)
-    assert await row_counts(repository) == (0, 0, 0)
+    assert await row_counts(pool) == (0, 0, 0)
 
 
-async def test_a_body_that_is_not_json_gets_422_and_leaves_no_row(client, repository):
+async def test_a_body_that_is_not_json_gets_422_and_leaves_no_row(client, repository, pool):
     response = await client.post(
         "/v1/jobs", content=b"{not json", headers={"content-type": "application/json"}
     )
     assert_error(response, 422, "invalid_request")
-    assert await row_counts(repository) == (0, 0, 0)
+    assert await row_counts(pool) == (0, 0, 0)
 
 
-async def test_a_request_without_credentials_gets_401(client, repository):
+async def test_a_request_without_credentials_gets_401(client, repository, pool):
     for headers in (
         {"Authorization": ""},
         {"Authorization": "Bearer wrong"},
@@ -113,7 +113,7 @@ async def test_a_request_without_credentials_gets_401(client, repository):
         response = await client.post("/v1/jobs", json=job(), headers=headers)
         assert_error(response, 401, "unauthorized")
     assert_error(await client.get("/v1/jobs", headers={"Authorization": ""}), 401, "unauthorized")
-    assert await row_counts(repository) == (0, 0, 0)
+    assert await row_counts(pool) == (0, 0, 0)
 
 
 async def test_healthz_needs_no_credential_and_readyz_checks_everything(client):
@@ -144,13 +144,13 @@ async def test_openapi_document_is_served(client):
     assert "JobRequest" in document["components"]["schemas"]
 
 
-async def test_sdxl_job_runs_to_completion_and_its_images_download(client, repository):
+async def test_sdxl_job_runs_to_completion_and_its_images_download(client, repository, pool):
     response = await client.post("/v1/jobs", json=job(num_images=3, seed=42))
     assert response.status_code == 202, response.text
     submitted = response.json()
     assert submitted["status"] == "queued"
     assert [a["index"] for a in submitted["assets"]] == [0, 1, 2]
-    assert await row_counts(repository) == (1, 3, 0)
+    assert await row_counts(pool) == (1, 3, 0)
 
     done = await wait_for_terminal(client, submitted["id"])
     assert done["status"] == "completed", done["error_message"]
@@ -214,7 +214,7 @@ async def test_reference_image_runs_image_to_image(client, settings: Settings):
     assert done["metadata"]["reference_type"] == "style"
 
 
-async def test_idempotency_key_replays_the_job_or_conflicts(client, repository):
+async def test_idempotency_key_replays_the_job_or_conflicts(client, repository, pool):
     headers = {"Idempotency-Key": "order-17"}
     first = await client.post("/v1/jobs", json=job(seed=5), headers=headers)
     again = await client.post("/v1/jobs", json=job(seed=5), headers=headers)
@@ -222,7 +222,7 @@ async def test_idempotency_key_replays_the_job_or_conflicts(client, repository):
     assert again.json()["id"] == first.json()["id"]
     conflict = await client.post("/v1/jobs", json=job(seed=6), headers=headers)
     assert_error(conflict, 409, "conflict")
-    assert (await row_counts(repository))[0] == 1
+    assert (await row_counts(pool))[0] == 1
 
 
 async def test_list_pages_newest_first_with_filters(client):
@@ -272,10 +272,11 @@ async def test_a_user_token_sees_and_lists_only_its_own_jobs(settings, tiny_mode
             assert_error(other_list, 403, "forbidden", "only list their own")
 
 
-async def test_an_ingress_without_dispatcher_accepts_jobs_and_leaves_them_queued(
+async def test_the_ingress_alone_accepts_jobs_and_leaves_them_queued(
     settings, tiny_models, repository
 ):
-    app = create_app(settings.model_copy(update={"dispatch_enabled": False}), tiny_models)
+    """The ingress runs no jobs: without a model replica, a job waits in the queue."""
+    app = create_app(settings, tiny_models)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         headers = {"Authorization": f"Bearer {TEST_API_KEY}"}

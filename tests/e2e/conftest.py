@@ -9,18 +9,23 @@ import asyncpg
 import httpx
 import pytest
 
-from ourvidz_serve.launcher import RunningService, run_service
 from ourvidz_serve.persistence.database import start_embedded_postgres
+from tests.launcher import RunningService, run_service
 
 API_KEY = "e2e-service-key"
+# Short leases, so a killed replica's jobs come back within seconds.
+FAST_RECOVERY = {
+    "OURVIDZ_QUEUE_POLL_INTERVAL_S": "0.2",
+    "OURVIDZ_LEASE_S": "4",
+    "OURVIDZ_HEARTBEAT_INTERVAL_S": "1",
+    "OURVIDZ_REAPER_INTERVAL_S": "1",
+}
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     workdir = tmp_path_factory.mktemp("e2e")
-    with run_service(
-        workdir, api_key=API_KEY, extra_env={"OURVIDZ_DISPATCH_POLL_INTERVAL_S": "0.2"}
-    ) as running:
+    with run_service(workdir, api_key=API_KEY, extra_env=FAST_RECOVERY) as running:
         yield running
 
 

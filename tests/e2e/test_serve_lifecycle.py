@@ -15,8 +15,8 @@ from PIL import Image
 
 from ourvidz_serve.catalog import JOB_TYPES, OutputFormat
 from ourvidz_serve.jobs.protocol import RESERVED_METADATA_KEYS
-from ourvidz_serve.launcher import RunningService
 from ourvidz_serve.pipelines.encode import probe_mp4
+from tests.launcher import RunningService
 
 pytestmark = pytest.mark.e2e
 

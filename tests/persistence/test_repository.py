@@ -1,6 +1,7 @@
 import asyncio
 from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
 
 from ourvidz_serve.errors import Conflict, InvalidRequest
@@ -21,33 +22,42 @@ def plan(job_type="sdxl_image_fast", user=USER, key=None, **fields):
     return plan_job(JobRequest.model_validate(body), user, idempotency_key=key)
 
 
-async def image_rows(repository: JobRepository, job_id: UUID):
-    return await repository.pool.fetch(
+WORKER = "test-worker"
+LEASE_S = 30.0
+
+
+async def claim(repository: JobRepository, queue: str, units: int):
+    return await repository.claim_jobs(queue, units, WORKER, LEASE_S)
+
+
+async def image_rows(pool: asyncpg.Pool, job_id: UUID):
+    return await pool.fetch(
         "SELECT id, image_index, status, image_url FROM images WHERE job_id = $1 "
         "ORDER BY image_index",
         job_id,
     )
 
 
-async def test_a_six_image_job_has_six_queued_rows_from_submission_on(repository):
+async def test_a_six_image_job_has_six_queued_rows_from_submission_on(repository, pool):
     job, created = await repository.insert_job(plan(num_images=6, seed=9))
     assert created
-    rows = await image_rows(repository, job.id)
+    rows = await image_rows(pool, job.id)
     assert [row["image_index"] for row in rows] == list(range(6))
     assert {row["status"] for row in rows} == {"queued"}
     assert [a.seed for a in job.assets] == [9, 10, 11, 12, 13, 14]
 
 
-async def test_completion_updates_the_asset_rows_and_never_inserts(repository):
+async def test_completion_updates_the_asset_rows_and_never_inserts(repository, pool):
     job, _ = await repository.insert_job(plan(num_images=6))
-    before = await image_rows(repository, job.id)
-    [claimed] = await repository.claim_jobs("sdxl_queue", 10)
-    await repository.complete_job(
+    before = await image_rows(pool, job.id)
+    [claimed] = await claim(repository, "sdxl_queue", 10)
+    assert await repository.complete_job(
         claimed.id,
+        claimed.attempts,
         {"generation_time": 1.5},
         [AssetCompletion(a.index, a.path or "", {"width": 64}) for a in claimed.assets],
     )
-    after = await image_rows(repository, job.id)
+    after = await image_rows(pool, job.id)
     assert [r["id"] for r in after] == [r["id"] for r in before]
     assert {r["status"] for r in after} == {"completed"}
     done = await repository.get_job(job.id)
@@ -59,9 +69,9 @@ async def test_completion_updates_the_asset_rows_and_never_inserts(repository):
 
 async def test_completing_an_asset_without_a_row_fails_and_changes_nothing(repository):
     job, _ = await repository.insert_job(plan(num_images=1))
-    await repository.claim_jobs("sdxl_queue", 1)
+    [claimed] = await claim(repository, "sdxl_queue", 1)
     with pytest.raises(JobStateError, match="has no row"):
-        await repository.complete_job(job.id, {}, [AssetCompletion(5, "x.png", {})])
+        await repository.complete_job(job.id, claimed.attempts, {}, [AssetCompletion(5, "x", {})])
     unchanged = await repository.get_job(job.id)
     assert unchanged is not None and unchanged.status is JobStatus.PROCESSING
     assert {a.status for a in unchanged.assets} == {JobStatus.PROCESSING}
@@ -70,73 +80,78 @@ async def test_completing_an_asset_without_a_row_fails_and_changes_nothing(repos
 async def test_only_a_processing_job_can_be_completed(repository):
     job, _ = await repository.insert_job(plan(num_images=1))
     completion = [AssetCompletion(0, job.assets[0].path, {})]
-    with pytest.raises(JobStateError, match="not processing"):
-        await repository.complete_job(job.id, {}, completion)
-    await repository.claim_jobs("sdxl_queue", 1)
-    await repository.complete_job(job.id, {}, completion)
-    with pytest.raises(JobStateError, match="not processing"):
-        await repository.complete_job(job.id, {}, completion)
-    assert not await repository.fail_job(job.id, "too late", "Probe", {})
+    assert not await repository.complete_job(job.id, 0, {}, completion)
+    [claimed] = await claim(repository, "sdxl_queue", 1)
+    assert await repository.complete_job(job.id, claimed.attempts, {}, completion)
+    assert not await repository.complete_job(job.id, claimed.attempts, {}, completion)
+    assert not await repository.fail_job(job.id, claimed.attempts, "too late", "Probe", {})
     done = await repository.get_job(job.id)
     assert done is not None and done.status is JobStatus.COMPLETED
     assert "error_type" not in done.metadata
 
 
-async def test_asset_urls_are_set_on_completion_not_at_submission(repository):
+async def test_asset_urls_are_set_on_completion_not_at_submission(repository, pool):
     job, _ = await repository.insert_job(plan("video_fast"))
-    row = await repository.pool.fetchrow("SELECT video_url, metadata FROM videos")
+    row = await pool.fetchrow("SELECT video_url, metadata FROM videos")
     assert row["video_url"] is None
     assert row["metadata"]["stored_path"] == job.assets[0].path == f"{USER}/{job.id}.mp4"
-    await repository.claim_jobs("wan_queue", 1)
-    await repository.complete_job(job.id, {}, [AssetCompletion(0, job.assets[0].path, {})])
-    assert await repository.pool.fetchval("SELECT video_url FROM videos") == job.assets[0].path
+    [claimed] = await claim(repository, "wan_queue", 1)
+    completion = [AssetCompletion(0, job.assets[0].path, {})]
+    assert await repository.complete_job(job.id, claimed.attempts, {}, completion)
+    assert await pool.fetchval("SELECT video_url FROM videos") == job.assets[0].path
 
 
-async def test_a_requeued_job_is_queued_again_with_its_assets_and_claimed_anew(repository):
+async def test_a_released_job_is_queued_again_with_its_assets_and_claimed_anew(repository):
     job, _ = await repository.insert_job(plan(num_images=3))
-    await repository.claim_jobs("sdxl_queue", 1)
-    assert await repository.requeue_job(job.id)
+    [claimed] = await claim(repository, "sdxl_queue", 3)
+    assert await repository.release_job(job.id, claimed.attempts)
     queued = await repository.get_job(job.id)
     assert queued is not None and queued.status is JobStatus.QUEUED
     assert queued.started_at is None
     assert {a.status for a in queued.assets} == {JobStatus.QUEUED}
-    [again] = await repository.claim_jobs("sdxl_queue", 1)
+    assert queued.claimed_by is None and queued.lease_expires_at is None
+    [again] = await claim(repository, "sdxl_queue", 3)
     assert again.attempts == 2
-    assert not await repository.requeue_job(uuid4())
+    assert not await repository.release_job(job.id, claimed.attempts)
+    assert not await repository.release_job(uuid4(), 1)
 
 
-async def test_a_wan_video_job_has_exactly_one_video_row(repository):
+async def test_a_wan_video_job_has_exactly_one_video_row(repository, pool):
     job, _ = await repository.insert_job(plan("video_fast"))
-    count = await repository.pool.fetchval("SELECT count(*) FROM videos WHERE job_id=$1", job.id)
+    count = await pool.fetchval("SELECT count(*) FROM videos WHERE job_id=$1", job.id)
     assert count == 1
-    assert await repository.pool.fetchval("SELECT count(*) FROM images") == 0
+    assert await pool.fetchval("SELECT count(*) FROM images") == 0
     assert job.assets[0].kind.value == "video"
 
 
 async def test_concurrent_claims_never_hand_out_a_job_twice(repository):
     for _ in range(20):
         await repository.insert_job(plan())
-    batches = await asyncio.gather(*(repository.claim_jobs("sdxl_queue", 3) for _ in range(10)))
+    batches = await asyncio.gather(*(claim(repository, "sdxl_queue", 3) for _ in range(10)))
     claimed = [job.id for batch in batches for job in batch]
     assert len(claimed) == 20
     assert len(set(claimed)) == 20
     assert all(job.status is JobStatus.PROCESSING for batch in batches for job in batch)
-    assert await repository.claim_jobs("sdxl_queue", 3) == []
+    assert await claim(repository, "sdxl_queue", 3) == []
 
 
 async def test_claims_take_the_oldest_of_the_right_queue(repository):
     first, _ = await repository.insert_job(plan())
     await repository.insert_job(plan("video_fast"))
     await repository.insert_job(plan())
-    [claimed] = await repository.claim_jobs("sdxl_queue", 1)
+    [claimed] = await claim(repository, "sdxl_queue", 1)
     assert claimed.id == first.id
     assert claimed.attempts == 1
+    assert claimed.claimed_by == WORKER and claimed.lease_expires_at is not None
     assert {a.status for a in claimed.assets} == {JobStatus.PROCESSING}
 
 
 async def test_failure_records_message_and_error_type_on_job_and_assets(repository):
     job, _ = await repository.insert_job(plan(num_images=3))
-    assert await repository.fail_job(job.id, "out of paint", "GenerationError", {"total_time": 1})
+    [claimed] = await claim(repository, "sdxl_queue", 3)
+    assert await repository.fail_job(
+        job.id, claimed.attempts, "out of paint", "GenerationError", {"total_time": 1}
+    )
     failed = await repository.get_job(job.id)
     assert failed is not None and failed.status is JobStatus.FAILED
     assert failed.error_message == "out of paint"
@@ -167,19 +182,21 @@ async def test_a_garbled_cursor_is_a_clear_error(repository):
         await repository.list_jobs(JobFilters(), 10, "not-a-cursor")
 
 
-async def test_the_same_idempotency_key_returns_the_original_job(repository):
+async def test_the_same_idempotency_key_returns_the_original_job(repository, pool):
     first, created = await repository.insert_job(plan(key="k1", seed=1))
     again, created_again = await repository.insert_job(plan(key="k1", seed=1))
     assert created and not created_again
     assert again.id == first.id
-    assert await repository.pool.fetchval("SELECT count(*) FROM jobs") == 1
+    assert await pool.fetchval("SELECT count(*) FROM jobs") == 1
     with pytest.raises(Conflict):
         await repository.insert_job(plan(key="k1", seed=2))
-    assert await repository.pool.fetchval("SELECT count(*) FROM images") == 1
+    assert await pool.fetchval("SELECT count(*) FROM images") == 1
 
 
-async def test_queue_lengths_count_queued_jobs_per_queue(repository):
-    await repository.insert_job(plan())
-    await repository.insert_job(plan())
+async def test_queued_units_count_images_for_sdxl_and_jobs_for_wan(repository):
+    await repository.insert_job(plan(num_images=6))
+    await repository.insert_job(plan(num_images=3))
     await repository.insert_job(plan("video_fast"))
-    assert await repository.queue_lengths() == {"sdxl_queue": 2, "wan_queue": 1}
+    assert await repository.queued_units("sdxl_queue") == 9
+    assert await repository.queued_units("wan_queue") == 1
+    assert await repository.queued_units("sdxl_queue", max_jobs=1) == 6

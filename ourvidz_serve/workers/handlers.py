@@ -1,0 +1,183 @@
+"""From claimed jobs to pipeline calls: the model-specific half of a worker.
+
+A handler turns a claimed batch into runner calls and returns one result per job: the encoded
+outputs, or the exception that failed that job alone. Runners are synchronous and run in a
+worker thread, so the replica's event loop keeps renewing leases while a model is busy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from ourvidz_serve.catalog import JOB_TYPES, JobTypeSpec, ModelFamily, OutputFormat
+from ourvidz_serve.persistence.repository import JobRecord
+from ourvidz_serve.pipelines.base import (
+    EncodedAsset,
+    EnhanceRequest,
+    EnhanceResult,
+    EnhanceTarget,
+    ImageRequest,
+    VideoRequest,
+)
+from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
+
+
+@dataclass(frozen=True)
+class Generated:
+    """One job's outputs, in asset order, and what running it taught us."""
+
+    outputs: list[EncodedAsset]
+    prompt: str
+    generation_time: float
+    """Seconds of model time of the pipeline call that produced these outputs."""
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+JobResult = Generated | Exception
+
+
+class JobHandler(Protocol):
+    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+        """One result per job, in order; raises nothing for a job's own failure."""
+        ...
+
+
+class SDXLRunnerLike(Protocol):
+    def validate(self, requests: Sequence[ImageRequest]) -> None: ...
+
+    def generate(self, requests: Sequence[ImageRequest]) -> list[EncodedAsset]: ...
+
+
+class WanRunnerLike(Protocol):
+    def generate(self, request: VideoRequest) -> EncodedAsset: ...
+
+
+class Enhancer(Protocol):
+    async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]: ...
+
+
+def enhance_target(spec: JobTypeSpec) -> EnhanceTarget:
+    if spec.model is ModelFamily.SDXL:
+        return EnhanceTarget.SDXL
+    return EnhanceTarget.WAN_VIDEO if spec.format is OutputFormat.VIDEO else EnhanceTarget.WAN_IMAGE
+
+
+class SDXLJobHandler:
+    """Every image of a claimed batch in one pipeline call.
+
+    Each job is validated on its own first, so one job's bad input (an undecodable reference)
+    fails that job alone and its batch-mates still run.
+    """
+
+    def __init__(self, runner: SDXLRunnerLike, storage: Storage) -> None:
+        self._runner = runner
+        self._storage = storage
+
+    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+        results: list[JobResult | None] = [None] * len(jobs)
+        runnable: dict[int, list[ImageRequest]] = {}
+        for position, job in enumerate(jobs):
+            try:
+                requests = await self._requests(job)
+                await asyncio.to_thread(self._runner.validate, requests)
+            except Exception as exc:  # noqa: BLE001 - the exception is this job's outcome
+                results[position] = exc
+            else:
+                runnable[position] = requests
+        if runnable:
+            flat = [request for requests in runnable.values() for request in requests]
+            started = time.monotonic()
+            try:
+                outputs = await asyncio.to_thread(self._runner.generate, flat)
+            except Exception as exc:  # noqa: BLE001 - a failed call fails each of its jobs
+                for position in runnable:
+                    results[position] = exc
+            else:
+                elapsed = time.monotonic() - started
+                offset = 0
+                for position, requests in runnable.items():
+                    results[position] = Generated(
+                        outputs=outputs[offset : offset + len(requests)],
+                        prompt=jobs[position].prompt,
+                        generation_time=elapsed,
+                        metadata={"pipeline_batch_images": len(flat)},
+                    )
+                    offset += len(requests)
+        return [result for result in results if result is not None]
+
+    async def _requests(self, job: JobRecord) -> list[ImageRequest]:
+        meta = job.metadata
+        reference = None
+        if meta.get("reference_image_key"):
+            reference = await self._storage.get(
+                REFERENCE_IMAGES_BUCKET, meta["reference_image_key"]
+            )
+        return [
+            ImageRequest(
+                prompt=job.prompt,
+                negative_prompt=meta.get("negative_prompt"),
+                seed=int(asset.metadata["seed"]),
+                steps=int(meta["steps"]),
+                guidance_scale=float(meta["guidance_scale"]),
+                width=int(meta["width"]),
+                height=int(meta["height"]),
+                reference_image=reference,
+                reference_strength=float(meta.get("reference_strength", 0.7)),
+            )
+            for asset in job.assets
+        ]
+
+
+class WanJobHandler:
+    """One WAN output per job; enhanced job types get their prompt from the enhancer first."""
+
+    def __init__(self, runner: WanRunnerLike, enhancer: Enhancer) -> None:
+        self._runner = runner
+        self._enhancer = enhancer
+
+    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+        results: list[JobResult] = []
+        for job in jobs:
+            try:
+                results.append(await self._run_one(job))
+            except Exception as exc:  # noqa: BLE001 - the exception is this job's outcome
+                results.append(exc)
+        return results
+
+    async def _run_one(self, job: JobRecord) -> Generated:
+        spec = JOB_TYPES[job.job_type]
+        meta = job.metadata
+        prompt = job.prompt
+        metadata: dict[str, Any] = {}
+        if spec.enhanced:
+            started = time.monotonic()
+            [enhancement] = await self._enhancer.enhance(
+                [EnhanceRequest(prompt, enhance_target(spec))]
+            )
+            metadata |= {
+                "original_prompt": prompt,
+                "enhanced_prompt": enhancement.enhanced_prompt,
+                "enhancement_fallback": enhancement.used_fallback,
+                "enhancement_time": round(time.monotonic() - started, 4),
+            }
+            if enhancement.warning:
+                metadata["enhancement_warning"] = enhancement.warning
+            prompt = enhancement.enhanced_prompt
+        request = VideoRequest(
+            prompt=prompt,
+            negative_prompt=None,
+            seed=int(job.assets[0].metadata["seed"]),
+            steps=int(meta["sample_steps"]),
+            guidance_scale=float(meta["sample_guide_scale"]),
+            width=int(meta["width"]),
+            height=int(meta["height"]),
+            num_frames=int(meta["frame_num"]),
+            fps=int(meta.get("fps", 16)),
+        )
+        started = time.monotonic()
+        output = await asyncio.to_thread(self._runner.generate, request)
+        return Generated([output], prompt, time.monotonic() - started, metadata)

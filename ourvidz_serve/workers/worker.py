@@ -1,0 +1,366 @@
+"""The queue worker inside each model replica: claim, hold leases, run, store, record.
+
+A worker claims from its queue only what it can start now (its free capacity in units), so a
+claimed job is a running job: ``queue_wait_time`` ends at the claim and ``generation_time`` is
+model time. Every claim holds a lease that a heartbeat renews; every outcome is recorded
+fenced by the attempt number, so a replica that lost its lease cannot overwrite a newer
+attempt. A stopping replica finishes what fits in its grace period and releases the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_after_delay,
+    wait_exponential_jitter,
+)
+
+from ourvidz_serve.catalog import Queue
+from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
+from ourvidz_serve.persistence.repository import AssetCompletion, JobRecord, JobRepository
+from ourvidz_serve.settings import Settings
+from ourvidz_serve.storage import Storage
+from ourvidz_serve.workers.handlers import Generated, JobHandler, JobResult
+from ourvidz_serve.workers.reaper import run_reaper
+
+logger = logging.getLogger(__name__)
+
+BACKLOG_REFRESH_S = 1.0
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    queue: str
+    capacity_units: int
+    """Units (SDXL images, WAN jobs) this worker runs at once."""
+    units_per_claim: int
+    """Most units one claim takes; each claim is one handler call (one pipeline batch)."""
+    lease_s: float
+    heartbeat_interval_s: float
+    poll_interval_s: float
+    reaper_interval_s: float
+    max_attempts: int
+    shutdown_grace_s: float
+    storage_put_attempts: int
+    record_retry_s: float
+
+    @classmethod
+    def for_queue(cls, settings: Settings, queue: Queue) -> WorkerConfig:
+        if queue is Queue.SDXL:
+            capacity = per_claim = settings.sdxl_batch_images
+        else:
+            capacity, per_claim = settings.wan_concurrency, 1
+        return cls(
+            queue=queue.value,
+            capacity_units=capacity,
+            units_per_claim=per_claim,
+            lease_s=settings.lease_s,
+            heartbeat_interval_s=settings.heartbeat_interval_s,
+            poll_interval_s=settings.queue_poll_interval_s,
+            reaper_interval_s=settings.reaper_interval_s,
+            max_attempts=settings.max_attempts,
+            shutdown_grace_s=settings.worker_shutdown_grace_s,
+            storage_put_attempts=settings.storage_put_attempts,
+            record_retry_s=settings.record_retry_s,
+        )
+
+
+class QueueWorker:
+    def __init__(
+        self,
+        repository: JobRepository,
+        storage: Storage,
+        handler: JobHandler,
+        config: WorkerConfig,
+        worker_id: str,
+    ) -> None:
+        self._repository = repository
+        self._storage = storage
+        self._handler = handler
+        self._config = config
+        self.worker_id = worker_id
+        self._wake = asyncio.Event()
+        self._busy_units = 0
+        self._held: dict[UUID, int] = {}
+        """Jobs this worker holds a lease on: ``{job_id: attempt}``."""
+        self._batches: set[asyncio.Task[None]] = set()
+        self._claiming: list[asyncio.Task[None]] = []
+        self._keeping: list[asyncio.Task[None]] = []
+        self._backlog = 0
+        self._stopping = False
+
+    async def start(self) -> None:
+        self._claiming = [
+            asyncio.create_task(self._claim_loop(), name=f"claim-{self._config.queue}"),
+            asyncio.create_task(self._repository.listen(self._on_queued), name="listen"),
+            asyncio.create_task(self._backlog_loop(), name="backlog"),
+        ]
+        self._keeping = [
+            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
+            asyncio.create_task(
+                run_reaper(
+                    self._repository, self._config.reaper_interval_s, self._config.max_attempts
+                ),
+                name="reaper",
+            ),
+        ]
+
+    async def stop(self) -> None:
+        """Stop claiming, let running jobs finish within the grace period, release the rest."""
+        self._stopping = True
+        await _cancel(self._claiming)
+        if self._batches:
+            _, pending = await asyncio.wait(
+                set(self._batches), timeout=self._config.shutdown_grace_s
+            )
+            await _cancel(list(pending))
+        for job_id, attempt in list(self._held.items()):
+            try:
+                if await self._repository.release_job(job_id, attempt):
+                    logger.info("released job %s (attempt %d) to the queue", job_id, attempt)
+            except DatabaseUnavailable:
+                logger.warning("could not release job %s; its lease will expire", job_id)
+        self._held.clear()
+        await _cancel(self._keeping)
+
+    def held_jobs(self) -> dict[UUID, int]:
+        return dict(self._held)
+
+    def load(self) -> tuple[int, int]:
+        """``(units queued in the queue, as last read; units this worker is running)``."""
+        return self._backlog, self._busy_units
+
+    def _on_queued(self, queue: str) -> None:
+        if queue == self._config.queue:
+            self._wake.set()
+
+    async def _claim_loop(self) -> None:
+        config = self._config
+        while True:
+            self._wake.clear()
+            free = min(config.capacity_units - self._busy_units, config.units_per_claim)
+            if free > 0:
+                jobs: list[JobRecord] = []
+                try:
+                    jobs = await self._repository.claim_jobs(
+                        config.queue, free, self.worker_id, config.lease_s
+                    )
+                except DatabaseUnavailable as exc:
+                    logger.warning("cannot claim from %s: %s", config.queue, exc.message)
+                if jobs:
+                    self._start_batch(jobs)
+                    continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=config.poll_interval_s)
+
+    def _start_batch(self, jobs: list[JobRecord]) -> None:
+        units = sum(job.units for job in jobs)
+        self._busy_units += units
+        for job in jobs:
+            self._held[job.id] = job.attempts
+        task = asyncio.create_task(self._run_batch(jobs, units), name=f"batch-{jobs[0].id}")
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _run_batch(self, jobs: list[JobRecord], units: int) -> None:
+        claimed_at = time.monotonic()
+        try:
+            results = await self._handler.run(jobs)
+        finally:
+            # Capacity frees when the model is done, so the next batch generates while this
+            # one uploads.
+            self._busy_units -= units
+            self._wake.set()
+        await asyncio.gather(
+            *(
+                self._finish(job, result, claimed_at)
+                for job, result in zip(jobs, results, strict=True)
+            )
+        )
+
+    async def _finish(self, job: JobRecord, result: JobResult, claimed_at: float) -> None:
+        try:
+            if isinstance(result, Generated) and len(result.outputs) != len(job.assets):
+                result = RuntimeError(
+                    f"model returned {len(result.outputs)} outputs for {len(job.assets)} assets"
+                )
+            if isinstance(result, Exception):
+                await self._record_failure(job, result, claimed_at, {})
+            elif await self._still_held(job):
+                await self._store_and_complete(job, result, claimed_at)
+        finally:
+            if self._held.get(job.id) == job.attempts:
+                del self._held[job.id]
+
+    async def _still_held(self, job: JobRecord) -> bool:
+        """False when the lease was lost (and the job maybe re-claimed): skip the upload."""
+        try:
+            held = job.id in await self._repository.heartbeat(
+                {job.id: job.attempts}, self._config.lease_s
+            )
+        except DatabaseUnavailable:
+            return True  # Unknown: keys are deterministic, and recording is fenced anyway.
+        if not held:
+            logger.warning(
+                "job %s attempt %d lost its lease before storing; dropping its outputs",
+                job.id,
+                job.attempts,
+            )
+        return held
+
+    async def _store_and_complete(
+        self, job: JobRecord, generated: Generated, claimed_at: float
+    ) -> None:
+        try:
+            await asyncio.gather(
+                *(
+                    self._put(asset.bucket, asset.path, output.data, output.mime_type)
+                    for asset, output in zip(job.assets, generated.outputs, strict=True)
+                )
+            )
+        except StorageError as exc:
+            await self._record_failure(job, exc, claimed_at, generated.metadata)
+            return
+        generation_time = round(generated.generation_time, 4)
+        completions = [
+            AssetCompletion(
+                index=asset.index,
+                path=asset.path,
+                metadata={
+                    "seed": output.seed,
+                    "width": output.width,
+                    "height": output.height,
+                    "num_frames": output.num_frames,
+                    "mime_type": output.mime_type,
+                    "size_bytes": len(output.data),
+                    "generation_time": generation_time,
+                    "stored_path": asset.path,
+                    "prompt": generated.prompt,
+                },
+            )
+            for asset, output in zip(job.assets, generated.outputs, strict=True)
+        ]
+        first = generated.outputs[0]
+        metadata = _timings(job, claimed_at) | generated.metadata
+        metadata |= {
+            "generation_time": generation_time,
+            "generation_timestamp": datetime.now(UTC).isoformat(),
+            "output_width": first.width,
+            "output_height": first.height,
+            "batch_count": len(generated.outputs),
+        }
+        expected = float(job.metadata.get("expected_generation_time") or 0)
+        if expected > 0:
+            metadata["performance_ratio"] = round(generated.generation_time / expected, 6)
+        recorded = await self._record(
+            lambda: self._repository.complete_job(job.id, job.attempts, metadata, completions)
+        )
+        self._log_fenced(job, recorded, "completion")
+
+    async def _record_failure(
+        self, job: JobRecord, error: Exception, claimed_at: float, metadata: dict[str, Any]
+    ) -> None:
+        logger.error("job %s (%s) failed: %r", job.id, job.job_type, error)
+        message = (error.message if isinstance(error, OurVidzError) else str(error)) or type(
+            error
+        ).__name__
+        patch = _timings(job, claimed_at) | metadata
+        recorded = await self._record(
+            lambda: self._repository.fail_job(
+                job.id, job.attempts, message, type(error).__name__, patch
+            )
+        )
+        self._log_fenced(job, recorded, "failure")
+
+    @staticmethod
+    def _log_fenced(job: JobRecord, recorded: bool, what: str) -> None:
+        if not recorded:
+            logger.warning(
+                "the %s of job %s attempt %d was fenced out: a newer attempt owns the job",
+                what,
+                job.id,
+                job.attempts,
+            )
+
+    async def _put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(StorageError),
+            stop=stop_after_attempt(self._config.storage_put_attempts),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            before_sleep=_log_retry(f"upload of {bucket}/{key}"),
+            reraise=True,
+        ):
+            with attempt:
+                await self._storage.put(bucket, key, data, content_type)
+
+    async def _record(self, write: Callable[[], Awaitable[bool]]) -> bool:
+        """Write an outcome, retrying while the database is unavailable: keep the result."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(DatabaseUnavailable),
+            stop=stop_after_delay(self._config.record_retry_s),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0),
+            before_sleep=_log_retry("recording an outcome"),
+            reraise=True,
+        ):
+            with attempt:
+                return await write()
+        raise AssertionError("unreachable: AsyncRetrying reraises")
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._config.heartbeat_interval_s)
+            held = dict(self._held)
+            if not held:
+                continue
+            try:
+                kept = await self._repository.heartbeat(held, self._config.lease_s)
+            except DatabaseUnavailable as exc:
+                logger.warning("cannot renew %d leases: %s", len(held), exc.message)
+                continue
+            for job_id in held.keys() - kept:
+                logger.warning("job %s attempt %d lost its lease", job_id, held[job_id])
+
+    async def _backlog_loop(self) -> None:
+        while True:
+            try:
+                self._backlog = await self._repository.queued_units(self._config.queue)
+            except DatabaseUnavailable as exc:
+                logger.warning("cannot read the backlog: %s", exc.message)
+            await asyncio.sleep(BACKLOG_REFRESH_S)
+
+
+def _log_retry(what: str) -> Callable[[RetryCallState], None]:
+    def log(state: RetryCallState) -> None:
+        error = state.outcome.exception() if state.outcome else None
+        logger.warning("%s failed (attempt %d: %s); retrying", what, state.attempt_number, error)
+
+    return log
+
+
+def _timings(job: JobRecord, claimed_at: float) -> dict[str, Any]:
+    timings: dict[str, Any] = {
+        "attempt": job.attempts,
+        "total_time": round(time.monotonic() - claimed_at, 4),
+    }
+    if job.started_at is not None:
+        timings["queue_wait_time"] = round((job.started_at - job.created_at).total_seconds(), 4)
+    return timings
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)

@@ -1,0 +1,164 @@
+-- The queue's statements, by name. Loaded by ourvidz_serve.persistence.queries; the
+-- repository is the only code that runs them. A statement runs from its "-- name:" line to
+-- the next one.
+--
+-- Every outcome a worker records is fenced by the attempt number it claimed: once a lease
+-- has expired and the job was claimed again, the old attempt's writes match no row.
+
+-- name: claim_jobs
+-- The oldest queued job of a queue and younger jobs that can share its pipeline call, up to
+-- $2 free units. The oldest job must fit, so younger small jobs never starve a big one.
+-- $1 queue, $2 free units, $3 worker id, $4 lease seconds.
+WITH head AS (
+    SELECT id, batch_key, units
+      FROM jobs
+     WHERE status = 'queued' AND queue = $1
+     ORDER BY created_at, id
+     LIMIT 1
+       FOR UPDATE SKIP LOCKED
+), candidates AS (
+    SELECT jobs.id, jobs.created_at, jobs.units
+      FROM jobs JOIN head ON jobs.batch_key = head.batch_key AND head.units <= $2
+     WHERE jobs.status = 'queued' AND jobs.queue = $1 AND jobs.units <= $2
+     ORDER BY jobs.created_at, jobs.id
+     LIMIT $2
+       FOR UPDATE OF jobs SKIP LOCKED
+), chosen AS (
+    SELECT id
+      FROM (SELECT id, sum(units) OVER (ORDER BY created_at, id) AS running_units
+              FROM candidates) AS fitted
+     WHERE running_units <= $2
+)
+UPDATE jobs
+   SET status = 'processing', attempts = attempts + 1, claimed_by = $3,
+       started_at = clock_timestamp(), updated_at = clock_timestamp(),
+       lease_expires_at = clock_timestamp() + make_interval(secs => $4)
+ WHERE id IN (SELECT id FROM chosen)
+RETURNING {job_columns};
+
+-- name: set_asset_status
+-- Give every asset row (image or video) of these jobs a status, merge a metadata patch, and
+-- return the rows. $1 job ids, $2 status, $3 metadata patch.
+WITH image_rows AS (
+    UPDATE images
+       SET status = $2, metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
+     WHERE job_id = ANY($1::uuid[])
+    RETURNING job_id, id, 'image' AS kind, image_index AS idx, status,
+              coalesce(image_url, metadata->>'stored_path') AS path, metadata, completed_at
+), video_rows AS (
+    UPDATE videos
+       SET status = $2, metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
+     WHERE job_id = ANY($1::uuid[])
+    RETURNING job_id, id, 'video' AS kind, 0 AS idx, status,
+              coalesce(video_url, metadata->>'stored_path') AS path, metadata, completed_at
+)
+SELECT * FROM image_rows UNION ALL SELECT * FROM video_rows;
+
+-- name: heartbeat
+-- Extend the leases this worker still holds; returns the ids it holds. A job missing from the
+-- answer was reaped (and maybe claimed again): its attempt's outcome will be fenced out.
+-- $1 job ids, $2 their attempts, $3 lease seconds.
+UPDATE jobs
+   SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
+  FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
+ WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'processing'
+RETURNING jobs.id;
+
+-- name: complete_job
+-- $1 job id, $2 attempt, $3 metadata patch.
+UPDATE jobs
+   SET status = 'completed', metadata = metadata || $3::jsonb, lease_expires_at = NULL,
+       completed_at = clock_timestamp(), updated_at = clock_timestamp()
+ WHERE id = $1 AND attempts = $2 AND status = 'processing'
+RETURNING format;
+
+-- name: complete_images
+-- $1 job id, $2 image indexes, $3 stored keys, $4 metadata patches (one per image).
+UPDATE images
+   SET status = 'completed', image_url = done.path, metadata = images.metadata || done.patch,
+       completed_at = clock_timestamp(), updated_at = clock_timestamp()
+  FROM unnest($2::int[], $3::text[], $4::jsonb[]) AS done(idx, path, patch)
+ WHERE images.job_id = $1 AND images.image_index = done.idx;
+
+-- name: complete_video
+-- $1 job id, $2 stored key, $3 metadata patch.
+UPDATE videos
+   SET status = 'completed', video_url = $2, metadata = metadata || $3::jsonb,
+       completed_at = clock_timestamp(), updated_at = clock_timestamp()
+ WHERE job_id = $1;
+
+-- name: fail_job
+-- $1 job id, $2 attempt, $3 error message, $4 metadata patch.
+UPDATE jobs
+   SET status = 'failed', error_message = $3, metadata = metadata || $4::jsonb,
+       lease_expires_at = NULL, completed_at = clock_timestamp(), updated_at = clock_timestamp()
+ WHERE id = $1 AND attempts = $2 AND status = 'processing';
+
+-- name: release_job
+-- Back to the queue without an outcome (the replica is stopping); the attempt stays counted.
+-- $1 job id, $2 attempt.
+UPDATE jobs
+   SET status = 'queued', claimed_by = NULL, lease_expires_at = NULL, started_at = NULL,
+       updated_at = clock_timestamp()
+ WHERE id = $1 AND attempts = $2 AND status = 'processing'
+RETURNING pg_notify('{notify_channel}', queue);
+
+-- name: reap_expired_leases
+-- Jobs whose lease expired (their replica died or hung) go back to the queue, or fail once
+-- they used $1 attempts, so a job that kills its replica cannot loop for ever. Idempotent and
+-- SKIP LOCKED, so every replica may run it. $1 max attempts, $2 batch limit.
+WITH expired AS (
+    SELECT id
+      FROM jobs
+     WHERE status = 'processing' AND lease_expires_at < clock_timestamp()
+     ORDER BY lease_expires_at
+     LIMIT $2
+       FOR UPDATE SKIP LOCKED
+), reaped AS (
+    UPDATE jobs
+       SET status = CASE WHEN attempts >= $1 THEN 'failed' ELSE 'queued' END,
+           error_message = CASE WHEN attempts >= $1 THEN format(
+               'gave up after %s attempts: each time, the replica running the job stopped '
+               'renewing its lease (it crashed, was killed or hung)', attempts) END,
+           metadata = CASE WHEN attempts >= $1
+                           THEN metadata || '{"error_type": "LeaseExpired"}'::jsonb
+                           ELSE metadata END,
+           completed_at = CASE WHEN attempts >= $1 THEN clock_timestamp() END,
+           started_at = CASE WHEN attempts >= $1 THEN started_at END,
+           claimed_by = NULL, lease_expires_at = NULL, updated_at = clock_timestamp()
+      FROM expired
+     WHERE jobs.id = expired.id
+    RETURNING jobs.id, jobs.queue, jobs.status, jobs.attempts, jobs.error_message
+), image_rows AS (
+    UPDATE images
+       SET status = reaped.status, updated_at = clock_timestamp(),
+           metadata = CASE WHEN reaped.status = 'failed'
+                           THEN images.metadata || jsonb_build_object(
+                                'error_type', 'LeaseExpired',
+                                'error_message', reaped.error_message)
+                           ELSE images.metadata END
+      FROM reaped
+     WHERE images.job_id = reaped.id
+), video_rows AS (
+    UPDATE videos
+       SET status = reaped.status, updated_at = clock_timestamp(),
+           metadata = CASE WHEN reaped.status = 'failed'
+                           THEN videos.metadata || jsonb_build_object(
+                                'error_type', 'LeaseExpired',
+                                'error_message', reaped.error_message)
+                           ELSE videos.metadata END
+      FROM reaped
+     WHERE videos.job_id = reaped.id
+)
+SELECT id, queue, status, attempts,
+       CASE WHEN status = 'queued' THEN pg_notify('{notify_channel}', queue) END AS notified
+  FROM reaped;
+
+-- name: queued_units
+-- The backlog of a queue in units, counted over at most $2 jobs so that its cost stays flat
+-- however long the queue is (the autoscaler needs no more than that).
+SELECT coalesce(sum(units), 0)::bigint
+  FROM (SELECT units FROM jobs
+         WHERE status = 'queued' AND queue = $1
+         ORDER BY created_at, id
+         LIMIT $2) AS head;

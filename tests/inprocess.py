@@ -1,0 +1,93 @@
+"""The worker layer without Ray: tiny pipeline runners behind in-process queue workers.
+
+The same QueueWorker and handlers the Serve replicas run, over the tests' real PostgreSQL and
+storage; only the Serve deployment shell around them is absent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+
+from ourvidz_serve.catalog import Queue
+from ourvidz_serve.persistence.database import open_database
+from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
+from ourvidz_serve.pipelines.qwen import QwenEnhancerRunner
+from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
+from ourvidz_serve.pipelines.wan import WanPipelineRunner
+from ourvidz_serve.settings import Settings
+from ourvidz_serve.storage import Storage, create_storage
+from ourvidz_serve.workers.handlers import JobHandler, SDXLJobHandler, WanJobHandler
+from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
+
+
+@dataclass(frozen=True)
+class TinyRunners:
+    sdxl: SDXLPipelineRunner
+    wan: WanPipelineRunner
+    enhancer: QwenEnhancerRunner
+
+    @classmethod
+    def build(cls) -> TinyRunners:
+        settings = Settings()
+        return cls(
+            SDXLPipelineRunner.build(settings),
+            WanPipelineRunner.build(settings),
+            QwenEnhancerRunner.build(settings),
+        )
+
+
+class InProcessModels:
+    """The ingress's ModelClient over the tiny enhancer in a thread."""
+
+    def __init__(self, enhancer: QwenEnhancerRunner) -> None:
+        self._enhancer = enhancer
+        self._lock = asyncio.Lock()
+
+    async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
+        async with self._lock:
+            return await asyncio.to_thread(self._enhancer.enhance, requests)
+
+    async def check(self) -> dict[str, str]:
+        return {"sdxl": "ok", "wan": "ok", "enhancer": "ok"}
+
+
+def handler_for(queue: Queue, runners: TinyRunners, storage: Storage) -> JobHandler:
+    if queue is Queue.SDXL:
+        return SDXLJobHandler(runners.sdxl, storage)
+    return WanJobHandler(runners.wan, InProcessModels(runners.enhancer))
+
+
+@asynccontextmanager
+async def running_workers(
+    settings: Settings,
+    runners: TinyRunners,
+    queues: tuple[Queue, ...] = (Queue.SDXL, Queue.WAN),
+    storage: Storage | None = None,
+    name: str = "inprocess",
+) -> AsyncIterator[list[QueueWorker]]:
+    """Queue workers for ``queues`` with their own pool, started and stopped around the block."""
+    async with AsyncExitStack() as stack:
+        pool = await stack.enter_async_context(open_database(settings))
+        if storage is None:
+            storage = create_storage(settings)
+            await storage.start()
+            stack.push_async_callback(storage.close)
+        repository = JobRepository(pool)
+        workers = [
+            QueueWorker(
+                repository,
+                storage,
+                handler_for(queue, runners, storage),
+                WorkerConfig.for_queue(settings, queue),
+                f"{name}-{queue.value}",
+            )
+            for queue in queues
+        ]
+        for worker in workers:
+            await worker.start()
+            stack.push_async_callback(worker.stop)
+        yield workers
