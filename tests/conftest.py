@@ -12,6 +12,7 @@ import pytest
 from ourvidz_serve.persistence.database import open_database, start_embedded_postgres
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
+from tests.inprocess import TinyRunners
 
 TEST_API_KEY = "test-service-key"
 
@@ -50,3 +51,9 @@ async def repository(pool: asyncpg.Pool) -> JobRepository:
     """A repository over empty tables."""
     await pool.execute("TRUNCATE jobs, images, videos")
     return JobRepository(pool)
+
+
+@pytest.fixture(scope="session")
+def tiny_runners() -> TinyRunners:
+    """The real pipeline runners on the tiny profile, built once per session."""
+    return TinyRunners.build()

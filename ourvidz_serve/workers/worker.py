@@ -224,15 +224,19 @@ class QueueWorker:
     async def _store_and_complete(
         self, job: JobRecord, generated: Generated, claimed_at: float
     ) -> None:
+        failure: StorageError | None = None
         try:
-            await asyncio.gather(
-                *(
-                    self._put(asset.bucket, asset.path, output.data, output.mime_type)
-                    for asset, output in zip(job.assets, generated.outputs, strict=True)
-                )
-            )
-        except StorageError as exc:
-            await self._record_failure(job, exc, claimed_at, generated.metadata)
+            # A file that cannot be stored cancels the other uploads: the job fails whole.
+            async with asyncio.TaskGroup() as uploads:
+                for asset, output in zip(job.assets, generated.outputs, strict=True):
+                    uploads.create_task(
+                        self._put(asset.bucket, asset.path, output.data, output.mime_type)
+                    )
+        except* StorageError as errors:
+            error = errors.exceptions[0]
+            failure = error if isinstance(error, StorageError) else StorageError(str(error))
+        if failure is not None:
+            await self._record_failure(job, failure, claimed_at, generated.metadata)
             return
         generation_time = round(generated.generation_time, 4)
         completions = [

@@ -6,8 +6,9 @@
 -- has expired and the job was claimed again, the old attempt's writes match no row.
 
 -- name: claim_jobs
--- The oldest queued job of a queue and younger jobs that can share its pipeline call, up to
--- $2 free units. The oldest job must fit, so younger small jobs never starve a big one.
+-- The oldest queued job of a queue and the younger jobs that can share its pipeline call, in
+-- order, while they fit in $2 free units. The oldest job must fit, so younger small jobs never
+-- starve a big one.
 -- $1 queue, $2 free units, $3 worker id, $4 lease seconds.
 WITH head AS (
     SELECT id, batch_key, units

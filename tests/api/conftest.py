@@ -14,11 +14,6 @@ from tests.inprocess import InProcessModels, TinyRunners, running_workers
 
 
 @pytest.fixture(scope="session")
-def tiny_runners() -> TinyRunners:
-    return TinyRunners.build()
-
-
-@pytest.fixture(scope="session")
 def tiny_models(tiny_runners: TinyRunners) -> InProcessModels:
     return InProcessModels(tiny_runners.enhancer)
 

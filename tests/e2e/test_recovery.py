@@ -1,0 +1,137 @@
+"""Nothing is lost: replicas SIGKILLed mid-job, and the SDXL deployment scaled on its backlog.
+
+Runs against the session's ``serve run`` (short leases: see conftest). A killed model
+replica's jobs come back when its lease expires; a killed ingress held no job at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from uuid import uuid4
+
+import asyncpg
+import httpx
+import pytest
+
+from tests.e2e.test_serve_lifecycle import finished, submit
+from tests.launcher import RunningService, replica_pids
+
+pytestmark = pytest.mark.e2e
+
+
+def pid_of(claimed_by: str) -> int:
+    """The worker id is ``deployment:replica@host:pid``."""
+    return int(claimed_by.rsplit(":", 1)[1])
+
+
+async def kill_the_replica_running_one_of(
+    service_db: asyncpg.Connection, job_ids: list[str], timeout_s: float = 120
+) -> tuple[str, int]:
+    """SIGKILL the process holding the first of these jobs seen processing."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        row = await service_db.fetchrow(
+            "SELECT id::text, claimed_by FROM jobs "
+            "WHERE id = ANY($1::uuid[]) AND status = 'processing' LIMIT 1",
+            job_ids,
+        )
+        if row is not None:
+            pid = pid_of(row["claimed_by"])
+            os.kill(pid, signal.SIGKILL)
+            return row["id"], pid
+        await asyncio.sleep(0.02)
+    raise AssertionError("no job was seen processing")
+
+
+async def assert_completed_with_exactly_their_assets(
+    http: httpx.AsyncClient, service: RunningService, submitted: list[dict]
+) -> list[dict]:
+    done = await asyncio.gather(*(finished(http, job["id"], timeout_s=300) for job in submitted))
+    for before, after in zip(submitted, done, strict=True):
+        assert after["status"] == "completed", (after["job_type"], after["error_message"])
+        # Same rows as at submission: a re-run updated them, never inserted more.
+        assert [a["id"] for a in after["assets"]] == [a["id"] for a in before["assets"]]
+        assert len(after["assets"]) == after["metadata"]["num_images"]
+        for asset in after["assets"]:
+            assert asset["status"] == "completed"
+            stored = service.data_dir / "storage" / asset["bucket"] / asset["path"]
+            assert stored.stat().st_size > 0
+        assert after["metadata"]["attempt"] == after["attempts"]
+    return done
+
+
+async def test_a_backlog_of_sdxl_jobs_raises_the_sdxl_replica_count(
+    http: httpx.AsyncClient, service: RunningService, service_db: asyncpg.Connection
+):
+    assert len(replica_pids(service, "SDXL")) == 1
+    user = str(uuid4())
+    jobs = await asyncio.gather(
+        *(submit(http, job_type="sdxl_image_high", num_images=6, user_id=user) for _ in range(60))
+    )
+    deadline = time.monotonic() + 120
+    while len(replica_pids(service, "SDXL")) < 2:
+        assert time.monotonic() < deadline, "the SDXL deployment never scaled up"
+        await asyncio.sleep(1)
+    await assert_completed_with_exactly_their_assets(http, service, jobs)
+    workers = await service_db.fetchval(
+        "SELECT count(DISTINCT split_part(claimed_by, '@', 1)) FROM jobs WHERE user_id = $1::uuid",
+        user,
+    )
+    assert workers == 2, "both SDXL replicas claimed from the backlog"
+
+
+async def test_a_model_replica_killed_mid_job_loses_nothing(
+    http: httpx.AsyncClient, service: RunningService, service_db: asyncpg.Connection
+):
+    jobs = await asyncio.gather(
+        *(submit(http, job_type="video_fast", seed=seed) for seed in range(3)),
+        *(submit(http, job_type="sdxl_image_fast", num_images=3) for _ in range(3)),
+    )
+    killed_job, pid = await kill_the_replica_running_one_of(
+        service_db, [job["id"] for job in jobs[:3]]
+    )
+    done = await assert_completed_with_exactly_their_assets(http, service, jobs)
+    [rerun] = [job for job in done if job["id"] == killed_job]
+    assert rerun["attempts"] >= 2, "the killed attempt is counted"
+    assert pid not in replica_pids(service, "WAN"), "Serve replaced the killed replica"
+
+
+async def test_an_sdxl_replica_killed_mid_batch_loses_nothing(
+    http: httpx.AsyncClient, service: RunningService, service_db: asyncpg.Connection
+):
+    jobs = await asyncio.gather(
+        *(submit(http, job_type="sdxl_image_high", num_images=6) for _ in range(4)),
+        *(submit(http, job_type="sdxl_image_high", num_images=1) for _ in range(4)),
+    )
+    killed_job, _ = await kill_the_replica_running_one_of(service_db, [job["id"] for job in jobs])
+    done = await assert_completed_with_exactly_their_assets(http, service, jobs)
+    [rerun] = [job for job in done if job["id"] == killed_job]
+    assert rerun["attempts"] >= 2
+
+
+async def test_an_ingress_killed_with_jobs_in_flight_loses_nothing(
+    http: httpx.AsyncClient, service: RunningService, service_db: asyncpg.Connection
+):
+    jobs = await asyncio.gather(
+        submit(http, job_type="video_fast"),
+        submit(http, job_type="image7b_fast_enhanced"),
+        *(submit(http, job_type="sdxl_image_fast", num_images=6) for _ in range(3)),
+    )
+    [ingress] = replica_pids(service, "Ingress")
+    os.kill(ingress, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if (await http.get("/readyz")).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the ingress did not come back"
+        await asyncio.sleep(0.5)
+    assert replica_pids(service, "Ingress") != [ingress]
+    done = await assert_completed_with_exactly_their_assets(http, service, jobs)
+    # The ingress held no job: nothing needed a re-run.
+    assert [job["attempts"] for job in done] == [1] * len(done)
