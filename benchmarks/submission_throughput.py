@@ -7,7 +7,7 @@ least 0.8x the throughput of a one-hop echo app on the same machine.
     .venv/bin/python benchmarks/submission_throughput.py [--clients 32] [--seconds 10]
 
 Both run under the same Ray settings (fractional CPUs, ``max_ongoing_requests=256``). The
-service runs with ``OURVIDZ_DISPATCH_ENABLED=false`` so that generating the submitted jobs
+service runs with ``OURVIDZ_WORKERS_ENABLED=false`` so that generating the submitted jobs
 does not compete with the submissions for this machine's two cores; the load generator
 runs in this process, so both figures share its limit and only their ratio is meaningful.
 """
@@ -87,7 +87,7 @@ def echo_throughput(clients: int, seconds: float, body: dict) -> float:
 
 def submission_throughput(clients: int, seconds: float, body: dict) -> float:
     api_key = "bench-" + uuid4().hex
-    extra_env = {"OURVIDZ_DISPATCH_ENABLED": "false"}
+    extra_env = {"OURVIDZ_WORKERS_ENABLED": "false"}
     with (
         tempfile.TemporaryDirectory(prefix="ovz-bench-") as workdir,
         run_service(Path(workdir), api_key=api_key, extra_env=extra_env) as service,

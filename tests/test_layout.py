@@ -1,7 +1,9 @@
 """Dependencies point one way: the HTTP side never loads the model libraries or Ray."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 
 def loaded_after_import(module: str) -> set[str]:
@@ -26,3 +28,43 @@ def test_code_that_needs_no_ray_does_not_import_it():
         "ourvidz_serve.workers.handlers",
     ):
         assert "ray" not in loaded_after_import(module), module
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "ourvidz_serve"
+
+# Who may not import whom: HTTP -> service -> repository / pipelines, never back.
+FORBIDDEN = {
+    "api": {"deployments"},
+    "jobs": {"api", "deployments", "workers"},
+    "workers": {"api", "deployments", "jobs"},
+    "persistence": {"api", "deployments", "jobs", "workers", "pipelines", "storage"},
+    "pipelines": {"api", "deployments", "jobs", "workers", "persistence", "storage"},
+    "storage": {"api", "deployments", "jobs", "workers", "persistence", "pipelines"},
+    "domain": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
+    "catalog": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
+}
+
+
+def imported_parts(path: Path) -> set[str]:
+    """The top-level ``ourvidz_serve`` modules a file imports, at any depth."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        for name in names:
+            if name.startswith("ourvidz_serve."):
+                parts.add(name.split(".")[1])
+    return parts
+
+
+def test_dependencies_point_one_way():
+    violations = []
+    for path in PACKAGE.rglob("*.py"):
+        relative = path.relative_to(PACKAGE)
+        layer = relative.parts[0].removesuffix(".py")
+        for imported in imported_parts(path) & FORBIDDEN.get(layer, set()):
+            violations.append(f"{relative} imports ourvidz_serve.{imported}")
+    assert violations == []

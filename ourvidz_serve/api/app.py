@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from ourvidz_serve import __version__
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.errors import install_error_handlers
+from ourvidz_serve.api.jobs import router as jobs_router
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.state import AppState
-from ourvidz_serve.jobs.router import router as jobs_router
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository

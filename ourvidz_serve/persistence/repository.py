@@ -175,7 +175,7 @@ class JobRepository:
             await connection.fetchval("SELECT 1")
 
     async def insert_job(self, plan: JobPlan) -> tuple[JobRecord, bool]:
-        """Insert the job and all its asset rows in one transaction and wake the dispatchers.
+        """Insert the job and all its asset rows in one transaction and wake the workers.
 
         Returns ``(job, created)``. With an idempotency key already used by the same user, the
         original job comes back with ``created=False``; with a different body, ``Conflict``.

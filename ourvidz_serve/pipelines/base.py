@@ -1,6 +1,6 @@
 """Plain data passed to and returned by the model pipelines (no torch, no Ray, no HTTP).
 
-The ingress and the dispatcher build and read these; only the model replicas import torch.
+The queue workers build and read these; only the model replicas import torch.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HTTP routes of the jobs feature. Thin: parse, authorize, call the service."""
+"""HTTP routes of the jobs feature. Thin: parse, authorize, call the jobs service."""
 
 from __future__ import annotations
 
