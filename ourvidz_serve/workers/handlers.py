@@ -8,6 +8,7 @@ worker thread, so the replica's event loop keeps renewing leases while a model i
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from ourvidz_serve.pipelines.base import (
     VideoRequest,
 )
 from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -154,19 +157,8 @@ class WanJobHandler:
         prompt = job.prompt
         metadata: dict[str, Any] = {}
         if spec.enhanced:
-            started = time.monotonic()
-            [enhancement] = await self._enhancer.enhance(
-                [EnhanceRequest(prompt, enhance_target(spec))]
-            )
-            metadata |= {
-                "original_prompt": prompt,
-                "enhanced_prompt": enhancement.enhanced_prompt,
-                "enhancement_fallback": enhancement.used_fallback,
-                "enhancement_time": round(time.monotonic() - started, 4),
-            }
-            if enhancement.warning:
-                metadata["enhancement_warning"] = enhancement.warning
-            prompt = enhancement.enhanced_prompt
+            metadata = await self._enhance(prompt, spec)
+            prompt = metadata["enhanced_prompt"]
         request = VideoRequest(
             prompt=prompt,
             negative_prompt=None,
@@ -181,3 +173,29 @@ class WanJobHandler:
         started = time.monotonic()
         output = await asyncio.to_thread(self._runner.generate, request)
         return Generated([output], prompt, time.monotonic() - started, metadata)
+
+    async def _enhance(self, prompt: str, spec: JobTypeSpec) -> dict[str, Any]:
+        """The enhancement's metadata; the original prompt when the enhancer cannot answer.
+
+        Enhancement improves a prompt but is not what the user paid for, so an enhancer that
+        is down does not fail the video: the job runs on its own prompt and records why.
+        """
+        started = time.monotonic()
+        try:
+            [enhancement] = await self._enhancer.enhance(
+                [EnhanceRequest(prompt, enhance_target(spec))]
+            )
+        except Exception as exc:  # noqa: BLE001 - recorded on the job and logged
+            logger.warning("enhancer failed (%r); using the original prompt", exc)
+            enhancement = EnhanceResult(
+                prompt, used_fallback=True, warning=f"enhancer unavailable: {exc!r}"[:500]
+            )
+        metadata: dict[str, Any] = {
+            "original_prompt": prompt,
+            "enhanced_prompt": enhancement.enhanced_prompt,
+            "enhancement_fallback": enhancement.used_fallback,
+            "enhancement_time": round(time.monotonic() - started, 4),
+        }
+        if enhancement.warning:
+            metadata["enhancement_warning"] = enhancement.warning
+        return metadata
