@@ -461,13 +461,13 @@ def quantiles(samples: list[float]) -> tuple[float, float]:
 def print_costs(sizes: list[int], costs: dict[int, dict[str, list[float]]]) -> None:
     smallest, largest = sizes[0], sizes[-1]
     print(f"\ncost per call in ms (median / p95); ratio: median at {largest} / at {smallest}")
-    header = f"{'operation':<30}" + "".join(f"{f'{size} jobs':>20}" for size in sizes)
+    header = f"{'operation':<30}" + "".join(f"{f'{size} jobs':>21}" for size in sizes)
     print(header + f"{'ratio':>8}")
     for name in costs[smallest]:
         cells = []
         for size in sizes:
             median, p95 = quantiles(costs[size][name])
-            cells.append(f"{median:>11.2f} /{p95:>7.2f}")
+            cells.append(f"{median:>11.2f} /{p95:>8.2f}")
         ratio = statistics.median(costs[largest][name]) / statistics.median(costs[smallest][name])
         print(f"{name:<30}" + "".join(cells) + f"{ratio:>8.2f}")
 

@@ -19,6 +19,11 @@ ALTER TABLE jobs ALTER COLUMN batch_key SET NOT NULL;
 -- The reaper's scan: only processing rows, ordered by expiry.
 CREATE INDEX jobs_lease_idx ON jobs (lease_expires_at) WHERE status = 'processing';
 
+-- The queue's head and its backlog in units, read from the index alone.
+DROP INDEX jobs_queued_idx;
+CREATE INDEX jobs_queued_idx ON jobs (queue, created_at, id) INCLUDE (units)
+    WHERE status = 'queued';
+
 -- Claims fill a batch with jobs of the head's batch key without scanning other keys.
 CREATE INDEX jobs_queued_batch_idx ON jobs (queue, batch_key, created_at, id)
     WHERE status = 'queued';

@@ -18,9 +18,12 @@ WITH head AS (
      LIMIT 1
        FOR UPDATE SKIP LOCKED
 ), candidates AS (
+    -- The key as a scalar, not a join, so that it is an index condition on
+    -- jobs_queued_batch_idx: a rare key must not scan the whole queue.
     SELECT jobs.id, jobs.created_at, jobs.units
-      FROM jobs JOIN head ON jobs.batch_key = head.batch_key AND head.units <= $2
+      FROM jobs
      WHERE jobs.status = 'queued' AND jobs.queue = $1 AND jobs.units <= $2
+       AND jobs.batch_key = (SELECT batch_key FROM head WHERE head.units <= $2)
      ORDER BY jobs.created_at, jobs.id
      LIMIT $2
        FOR UPDATE OF jobs SKIP LOCKED
