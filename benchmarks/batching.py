@@ -6,13 +6,15 @@ finish at least 2x faster when one SDXL replica runs up to 6 images per pipeline
 
     .venv/bin/python benchmarks/batching.py [--repeats 3] [--jobs 12] [--batch-images 6]
 
-Starts ``serve run serve_config.yaml`` (tiny profile, embedded PostgreSQL, local storage) once
-per mode, warms it up with a round of the same shape, then times ``--repeats`` rounds: the
-jobs (distinct seeds) are posted at once, and a round lasts from the first job's ``created_at``
-to the last job's ``completed_at``, both from the service's database (one clock). The database
-is polled for completion a few times a second only: polling loads the 2-core machine it
-measures. Each round's jobs' ``pipeline_batch_images`` (images in the pipeline call that made
-each job) shows whether batching happened, and ``claimed_by`` how many SDXL replicas worked.
+Starts ``serve run`` on ``serve_config.yaml`` with the SDXL deployment pinned to one replica
+(autoscaling would add a second replica, and a second core, to whichever mode leaves a backlog;
+batching is what is measured) once per mode, warms it up with a round of the same shape, then
+times ``--repeats`` rounds: the jobs (distinct seeds) are posted at once, and a round lasts
+from the first job's ``created_at`` to the last job's ``completed_at``, both from the service's
+database (one clock). The database is polled for completion a few times a second only: polling
+loads the 2-core machine it measures. Each round's jobs' ``pipeline_batch_images`` (images in
+the pipeline call that made each job) shows whether batching happened, and ``claimed_by`` how
+many SDXL replicas worked.
 """
 
 from __future__ import annotations
@@ -134,13 +136,25 @@ async def measure(service: RunningService, args: argparse.Namespace) -> list[Rou
         server.cleanup()
 
 
+def one_sdxl_replica_config() -> dict:
+    """``serve_config.yaml`` with the SDXL deployment fixed at one replica."""
+    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == "SDXL":
+            deployment.pop("autoscaling_config", None)
+            deployment["num_replicas"] = 1
+    return config
+
+
 def run_mode(batch_images: int, args: argparse.Namespace) -> list[Round]:
     api_key = "bench-" + uuid4().hex
-    with (
-        tempfile.TemporaryDirectory(prefix="ovz-bench-") as workdir,
-        run_service(Path(workdir), api_key=api_key, extra_env=mode_env(batch_images)) as service,
-    ):
-        return asyncio.run(measure(service, args))
+    with tempfile.TemporaryDirectory(prefix="ovz-bench-") as workdir:
+        config = Path(workdir) / "one_sdxl_replica.yaml"
+        config.write_text(yaml.safe_dump(one_sdxl_replica_config(), sort_keys=False))
+        with run_service(
+            Path(workdir), api_key=api_key, config=config, extra_env=mode_env(batch_images)
+        ) as service:
+            return asyncio.run(measure(service, args))
 
 
 def mode_env(batch_images: int) -> dict[str, str]:
@@ -163,9 +177,8 @@ def main() -> None:
     args = parser.parse_args()
 
     modes = {"on": args.batch_images, "off": 1}
-    config = yaml.safe_load((REPO_ROOT / "serve_config.yaml").read_text())
-    print(f"serve config: {REPO_ROOT / 'serve_config.yaml'} (http port replaced per run):")
-    print(yaml.safe_dump(config, sort_keys=False).rstrip())
+    print("serve config: serve_config.yaml with SDXL at one replica (http port replaced):")
+    print(yaml.safe_dump(one_sdxl_replica_config(), sort_keys=False).rstrip())
     # The launcher passes no OURVIDZ_* variable of this process on, only its own settings.
     inherited = {k: v for k, v in os.environ.items() if k.startswith("RAY_")}
     print(f"inherited RAY_* environment: {json.dumps(inherited)}")

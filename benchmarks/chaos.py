@@ -104,6 +104,17 @@ class Run:
         return time.monotonic() - self.started
 
 
+@dataclass
+class Report:
+    statuses: Counter[str]
+    failures: Counter[str]
+    attempts: Counter[int]
+    problems: dict[str, list[str]]
+    """``{problem: [one line per job or submission]}``; empty lists are fine."""
+    replicas_at_end: dict[str, int]
+    ready: str
+
+
 def plan_jobs(count: int, rng: random.Random) -> list[Submission]:
     """``count`` jobs cycling through the ten types (SDXL through 1, 3, 6 images), shuffled."""
     sizes = itertools.cycle(SDXL_NUM_IMAGES)
@@ -290,17 +301,6 @@ async def wait_ready(http: httpx.AsyncClient, timeout_s: float) -> str:
             answer = f"{response.status_code} {response.text[:300]}"
         await asyncio.sleep(2)
     return answer
-
-
-@dataclass
-class Report:
-    statuses: Counter[str]
-    failures: Counter[str]
-    attempts: Counter[int]
-    problems: dict[str, list[str]]
-    """``{problem: [one line per job or submission]}``; empty lists are fine."""
-    replicas_at_end: dict[str, int]
-    ready: str
 
 
 async def inspect(pool: asyncpg.Pool, service: RunningService, run: Run, ready: str) -> Report:

@@ -169,6 +169,22 @@ async def test_one_claim_runs_compatible_jobs_in_one_call_with_honest_timings(
             assert local_storage.path_for(asset.bucket, asset.path).read_bytes()[:4] == b"\x89PNG"
 
 
+async def test_jobs_arriving_during_a_call_wait_and_share_the_next_call(
+    repository, settings, local_storage
+):
+    await repository.insert_job(plan())
+    handler = HeldHandler()
+    async with worker(repository, local_storage, handler, settings):
+        first = await asyncio.wait_for(handler.claimed.get(), timeout=10)
+        arriving = [(await repository.insert_job(plan()))[0].id for _ in range(5)]
+        await asyncio.sleep(0.5)  # several polls and notifications: no claim while busy
+        assert handler.claimed.empty()
+        handler.release.set()
+        second = await asyncio.wait_for(handler.claimed.get(), timeout=10)
+    assert len(first) == 1
+    assert [job.id for job in second] == arriving
+
+
 async def test_uploads_that_fail_at_first_are_retried_and_the_job_completes_with_every_file(
     repository, settings, local_storage, tiny_runners: TinyRunners
 ):
@@ -238,9 +254,8 @@ async def test_a_worker_that_lost_its_lease_drops_its_result_and_the_newer_attem
     job, _ = await repository.insert_job(plan(num_images=3, seed=5))
     stuck = HeldHandler(payload=b"stale output")
     live = SDXLJobHandler(tiny_runners.sdxl, local_storage)
-    # Busy (capacity full) and silent: it neither claims again nor renews nor reaps.
+    # Busy (its one call running) and silent: it neither claims again nor renews nor reaps.
     quiet = {
-        "capacity_units": 3,
         "lease_s": 60.0,
         "heartbeat_interval_s": 30.0,
         "reaper_interval_s": 60.0,
