@@ -104,7 +104,6 @@ class QueueWorker:
         self._claiming: list[asyncio.Task[None]] = []
         self._keeping: list[asyncio.Task[None]] = []
         self._backlog = 0
-        self._stopping = False
 
     async def start(self) -> None:
         self._claiming = [
@@ -124,7 +123,6 @@ class QueueWorker:
 
     async def stop(self) -> None:
         """Stop claiming, let running jobs finish within the grace period, release the rest."""
-        self._stopping = True
         await _cancel(self._claiming)
         if self._batches:
             _, pending = await asyncio.wait(
@@ -163,6 +161,9 @@ class QueueWorker:
                     )
                 except DatabaseUnavailable as exc:
                     logger.warning("cannot claim from %s: %s", config.queue, exc.message)
+                except Exception:
+                    # The loop must outlive a bad row or a bug, or the replica idles for ever.
+                    logger.exception("claiming from %s failed; retrying", config.queue)
                 if jobs:
                     self._start_batch(jobs)
                     continue
@@ -182,7 +183,12 @@ class QueueWorker:
     async def _run_batch(self, jobs: list[JobRecord], units: int) -> None:
         claimed_at = time.monotonic()
         try:
-            results = await self._handler.run(jobs)
+            results: list[JobResult] = await self._handler.run(jobs)
+        except Exception as exc:
+            # Handlers return each job's error; one that raises anyway fails its jobs rather
+            # than leaving them held (and their leases renewed) by nobody.
+            logger.exception("the %s handler raised", self._config.queue)
+            results = [exc] * len(jobs)
         finally:
             # Capacity frees when the model is done, so the next batch generates while this
             # one uploads.
@@ -206,6 +212,13 @@ class QueueWorker:
                 await self._record_failure(job, result, claimed_at, {})
             elif await self._still_held(job):
                 await self._store_and_complete(job, result, claimed_at)
+        except Exception:
+            logger.exception(
+                "the outcome of job %s attempt %d is not recorded; its lease will expire and "
+                "the reaper will queue it again",
+                job.id,
+                job.attempts,
+            )
         finally:
             if self._held.get(job.id) == job.attempts:
                 del self._held[job.id]

@@ -185,6 +185,22 @@ async def test_jobs_arriving_during_a_call_wait_and_share_the_next_call(
     assert [job.id for job in second] == arriving
 
 
+class BrokenHandler:
+    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+        raise RuntimeError("handler bug")
+
+
+async def test_a_handler_that_raises_fails_its_jobs_instead_of_holding_them(
+    repository, settings, local_storage
+):
+    job, _ = await repository.insert_job(plan(num_images=3))
+    async with worker(repository, local_storage, BrokenHandler(), settings) as w:
+        done = await terminal(repository, job.id)
+        assert w.held_jobs() == {}
+    assert done.status is JobStatus.FAILED
+    assert (done.metadata["error_type"], done.error_message) == ("RuntimeError", "handler bug")
+
+
 async def test_uploads_that_fail_at_first_are_retried_and_the_job_completes_with_every_file(
     repository, settings, local_storage, tiny_runners: TinyRunners
 ):
