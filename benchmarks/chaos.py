@@ -67,6 +67,16 @@ SETTINGS = {
 DB_POLL_S = 2.0
 SHOWN = 10
 """Job ids printed per kind of problem."""
+# Each must be 0 at the end of a run.
+PROBLEMS = (
+    "lost",
+    "double-submitted",
+    "asset rows duplicated",
+    "asset rows missing",
+    "files missing",
+    "completed with unfinished asset rows",
+    "submissions given up",
+)
 
 
 @dataclass
@@ -323,18 +333,7 @@ async def inspect(pool: asyncpg.Pool, service: RunningService, run: Run, ready: 
     )
     by_key = {sub.key: sub for sub in run.submissions}
     stored = {sub.job_id: sub for sub in run.submissions if sub.job_id is not None}
-    problems: dict[str, list[str]] = {
-        name: []
-        for name in (
-            "lost",
-            "double-submitted",
-            "asset rows duplicated",
-            "asset rows missing",
-            "files missing",
-            "completed with unfinished asset rows",
-            "submissions given up",
-        )
-    }
+    problems: dict[str, list[str]] = {name: [] for name in PROBLEMS}
 
     def describe(job_id: UUID) -> str:
         row = jobs.get(job_id)
@@ -450,15 +449,7 @@ def print_report(report: Report, run: Run, args: argparse.Namespace) -> None:
         print(f"  {count:>5} x {message}")
     line("jobs re-run (attempts > 1)", rerun)
     line("attempts per job", dict(sorted(report.attempts.items())))
-    for name in (
-        "lost",
-        "double-submitted",
-        "asset rows duplicated",
-        "asset rows missing",
-        "files missing",
-        "completed with unfinished asset rows",
-        "submissions given up",
-    ):
+    for name in PROBLEMS:
         line(name, len(report.problems.get(name, [])))
     line("kills per deployment", {name: kills[name] for name in DEPLOYMENTS})
     line("  kill ticks skipped (nothing up)", run.kill_skips)
