@@ -321,18 +321,11 @@ class JobRepository:
         """
         if free_units <= 0:
             return []
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection() as connection:
             rows = await connection.fetch(
                 QUERIES["claim_jobs"], queue, free_units, worker_id, float(lease_s)
             )
-            if not rows:
-                return []
-            ids = [row["id"] for row in rows]
-            asset_rows = await connection.fetch(
-                QUERIES["set_asset_status"], ids, JobStatus.PROCESSING.value, {}
-            )
-        assets = _assets_by_job(asset_rows)
-        jobs = [_job_record(row, assets.get(row["id"], [])) for row in rows]
+        jobs = [_job_record(row, _claimed_assets(row)) for row in rows]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
 
     async def heartbeat(self, held: dict[UUID, int], lease_s: float) -> set[UUID]:
@@ -357,28 +350,25 @@ class JobRepository:
         Fenced: False (and nothing changed) unless the job is still ``processing`` in this
         attempt. Raises ``JobStateError`` (and changes nothing) when an asset has no row.
         """
-        async with self._connection() as connection, connection.transaction():
-            job_format = await connection.fetchval(
-                QUERIES["complete_job"], job_id, attempt, metadata_patch
+        async with self._connection() as connection:
+            completed = await connection.fetchval(
+                QUERIES["complete_job"],
+                job_id,
+                attempt,
+                metadata_patch,
+                [asset.index for asset in assets],
+                [asset.path for asset in assets],
+                [asset.metadata for asset in assets],
             )
-            if job_format is None:
-                return False
-            if job_format == "video":
-                [asset] = assets
-                status = await connection.execute(
-                    QUERIES["complete_video"], job_id, asset.path, asset.metadata
-                )
-            else:
-                status = await connection.execute(
-                    QUERIES["complete_images"],
-                    job_id,
-                    [asset.index for asset in assets],
-                    [asset.path for asset in assets],
-                    [asset.metadata for asset in assets],
-                )
-            if status != f"UPDATE {len(assets)}":
-                raise JobStateError(f"an asset of job {job_id} has no row ({status})")
-        return True
+            if completed:
+                return True
+            current = await connection.fetchrow(QUERIES["job_attempt"], job_id)
+        if current is not None and (current["status"], current["attempts"]) == (
+            JobStatus.PROCESSING.value,
+            attempt,
+        ):
+            raise JobStateError(f"an asset of job {job_id} has no row; nothing was completed")
+        return False
 
     async def fail_job(
         self,
@@ -389,31 +379,22 @@ class JobRepository:
         metadata: dict[str, Any],
     ) -> bool:
         """Mark the job and its asset rows failed; fenced like ``complete_job``."""
-        patch = metadata | {"error_type": error_type}
-        async with self._connection() as connection, connection.transaction():
-            status = await connection.execute(
-                QUERIES["fail_job"], job_id, attempt, error_message, patch
-            )
-            if status != "UPDATE 1":
-                return False
-            await connection.execute(
-                QUERIES["set_asset_status"],
-                [job_id],
-                JobStatus.FAILED.value,
+        async with self._connection() as connection:
+            failed = await connection.fetchval(
+                QUERIES["fail_job"],
+                job_id,
+                attempt,
+                error_message,
+                metadata | {"error_type": error_type},
                 {"error_type": error_type, "error_message": error_message},
             )
-        return True
+        return bool(failed)
 
     async def release_job(self, job_id: UUID, attempt: int) -> bool:
         """Put a job this attempt holds back in the queue (its replica is stopping)."""
-        async with self._connection() as connection, connection.transaction():
+        async with self._connection() as connection:
             released = await connection.fetch(QUERIES["release_job"], job_id, attempt)
-            if not released:
-                return False
-            await connection.execute(
-                QUERIES["set_asset_status"], [job_id], JobStatus.QUEUED.value, {}
-            )
-        return True
+        return bool(released)
 
     async def reap_expired_leases(self, max_attempts: int, limit: int = 100) -> list[ReapedJob]:
         """Requeue jobs whose lease expired, or fail those that used ``max_attempts``."""
@@ -479,6 +460,31 @@ def _assets_by_job(rows: list[asyncpg.Record]) -> dict[UUID, list[AssetRecord]]:
     for row in sorted(rows, key=lambda row: (row["job_id"], row["idx"])):
         by_job.setdefault(row["job_id"], []).append(_asset_record(row))
     return by_job
+
+
+def _claimed_assets(row: asyncpg.Record) -> list[AssetRecord]:
+    """The asset rows a claim returns with its job, as parallel arrays in index order."""
+    return [
+        AssetRecord(
+            id=asset_id,
+            kind=AssetKind(kind),
+            index=index,
+            status=JobStatus(status),
+            path=path,
+            metadata=metadata,
+            completed_at=completed_at,
+        )
+        for asset_id, kind, index, status, path, metadata, completed_at in zip(
+            row["asset_ids"] or [],
+            row["asset_kinds"] or [],
+            row["asset_indexes"] or [],
+            row["asset_statuses"] or [],
+            row["asset_paths"] or [],
+            row["asset_metadata"] or [],
+            row["asset_completed_at"] or [],
+            strict=True,
+        )
+    ]
 
 
 def _job_record(row: asyncpg.Record, assets: list[AssetRecord]) -> JobRecord:

@@ -4,6 +4,9 @@
 --
 -- Every outcome a worker records is fenced by the attempt number it claimed: once a lease
 -- has expired and the job was claimed again, the old attempt's writes match no row.
+--
+-- Each statement makes all its writes (the job and its asset rows) at once, so none needs a
+-- transaction of several round trips: the queue's capacity is mostly round trips.
 
 -- name: claim_jobs
 -- The oldest queued job of a queue and the younger jobs that can share its pipeline call, in
@@ -32,31 +35,45 @@ WITH head AS (
       FROM (SELECT id, sum(units) OVER (ORDER BY created_at, id) AS running_units
               FROM candidates) AS fitted
      WHERE running_units <= $2
-)
-UPDATE jobs
-   SET status = 'processing', attempts = attempts + 1, claimed_by = $3,
-       started_at = clock_timestamp(), updated_at = clock_timestamp(),
-       lease_expires_at = clock_timestamp() + make_interval(secs => $4)
- WHERE id IN (SELECT id FROM chosen)
-RETURNING {job_columns};
-
--- name: set_asset_status
--- Give every asset row (image or video) of these jobs a status, merge a metadata patch, and
--- return the rows. $1 job ids, $2 status, $3 metadata patch.
-WITH image_rows AS (
+), claimed AS (
+    UPDATE jobs
+       SET status = 'processing', attempts = attempts + 1, claimed_by = $3,
+           started_at = clock_timestamp(), updated_at = clock_timestamp(),
+           lease_expires_at = clock_timestamp() + make_interval(secs => $4)
+     WHERE id IN (SELECT id FROM chosen)
+    RETURNING {job_columns}
+), image_rows AS (
     UPDATE images
-       SET status = $2, metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
-     WHERE job_id = ANY($1::uuid[])
-    RETURNING job_id, id, 'image' AS kind, image_index AS idx, status,
-              coalesce(image_url, metadata->>'stored_path') AS path, metadata, completed_at
+       SET status = 'processing', updated_at = clock_timestamp()
+      FROM claimed
+     WHERE images.job_id = claimed.id
+    RETURNING images.job_id, images.id, 'image' AS kind, images.image_index AS idx,
+              images.status, coalesce(images.image_url, images.metadata->>'stored_path') AS path,
+              images.metadata, images.completed_at
 ), video_rows AS (
     UPDATE videos
-       SET status = $2, metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
-     WHERE job_id = ANY($1::uuid[])
-    RETURNING job_id, id, 'video' AS kind, 0 AS idx, status,
-              coalesce(video_url, metadata->>'stored_path') AS path, metadata, completed_at
+       SET status = 'processing', updated_at = clock_timestamp()
+      FROM claimed
+     WHERE videos.job_id = claimed.id
+    RETURNING videos.job_id, videos.id, 'video' AS kind, 0 AS idx,
+              videos.status, coalesce(videos.video_url, videos.metadata->>'stored_path') AS path,
+              videos.metadata, videos.completed_at
+), asset_rows AS (
+    SELECT * FROM image_rows UNION ALL SELECT * FROM video_rows
 )
-SELECT * FROM image_rows UNION ALL SELECT * FROM video_rows;
+SELECT claimed.*, assets.*
+  FROM claimed
+ CROSS JOIN LATERAL (
+    SELECT array_agg(asset.id ORDER BY asset.idx) AS asset_ids,
+           array_agg(asset.kind ORDER BY asset.idx) AS asset_kinds,
+           array_agg(asset.idx ORDER BY asset.idx) AS asset_indexes,
+           array_agg(asset.status ORDER BY asset.idx) AS asset_statuses,
+           array_agg(asset.path ORDER BY asset.idx) AS asset_paths,
+           array_agg(asset.metadata ORDER BY asset.idx) AS asset_metadata,
+           array_agg(asset.completed_at ORDER BY asset.idx) AS asset_completed_at
+      FROM asset_rows AS asset
+     WHERE asset.job_id = claimed.id
+ ) AS assets;
 
 -- name: heartbeat
 -- Extend the leases this worker still holds; returns the ids it holds. A job missing from the
@@ -69,43 +86,86 @@ UPDATE jobs
 RETURNING jobs.id;
 
 -- name: complete_job
--- $1 job id, $2 attempt, $3 metadata patch.
-UPDATE jobs
-   SET status = 'completed', metadata = metadata || $3::jsonb, lease_expires_at = NULL,
-       completed_at = clock_timestamp(), updated_at = clock_timestamp()
- WHERE id = $1 AND attempts = $2 AND status = 'processing'
-RETURNING format;
+-- The job and every asset row, completed; nothing changes unless every asset has its row.
+-- Returns the number of jobs completed: 0 when fenced out or an asset row is missing.
+-- $1 job id, $2 attempt, $3 job metadata patch, $4 asset indexes, $5 stored keys,
+-- $6 asset metadata patches.
+WITH done AS (
+    UPDATE jobs
+       SET status = 'completed', metadata = metadata || $3::jsonb, lease_expires_at = NULL,
+           completed_at = clock_timestamp(), updated_at = clock_timestamp()
+     WHERE id = $1 AND attempts = $2 AND status = 'processing'
+       AND cardinality($4::int[]) =
+           (SELECT count(*) FROM images WHERE job_id = $1 AND image_index = ANY($4::int[]))
+           + (SELECT count(*) FROM videos WHERE job_id = $1)
+    RETURNING id
+), image_rows AS (
+    UPDATE images
+       SET status = 'completed', image_url = finished.path,
+           metadata = images.metadata || finished.patch,
+           completed_at = clock_timestamp(), updated_at = clock_timestamp()
+      FROM done, unnest($4::int[], $5::text[], $6::jsonb[]) AS finished(idx, path, patch)
+     WHERE images.job_id = done.id AND images.image_index = finished.idx
+), video_rows AS (
+    UPDATE videos
+       SET status = 'completed', video_url = ($5::text[])[1],
+           metadata = videos.metadata || ($6::jsonb[])[1],
+           completed_at = clock_timestamp(), updated_at = clock_timestamp()
+      FROM done
+     WHERE videos.job_id = done.id
+)
+SELECT count(*) FROM done;
 
--- name: complete_images
--- $1 job id, $2 image indexes, $3 stored keys, $4 metadata patches (one per image).
-UPDATE images
-   SET status = 'completed', image_url = done.path, metadata = images.metadata || done.patch,
-       completed_at = clock_timestamp(), updated_at = clock_timestamp()
-  FROM unnest($2::int[], $3::text[], $4::jsonb[]) AS done(idx, path, patch)
- WHERE images.job_id = $1 AND images.image_index = done.idx;
-
--- name: complete_video
--- $1 job id, $2 stored key, $3 metadata patch.
-UPDATE videos
-   SET status = 'completed', video_url = $2, metadata = metadata || $3::jsonb,
-       completed_at = clock_timestamp(), updated_at = clock_timestamp()
- WHERE job_id = $1;
+-- name: job_attempt
+-- $1 job id.
+SELECT status, attempts FROM jobs WHERE id = $1;
 
 -- name: fail_job
--- $1 job id, $2 attempt, $3 error message, $4 metadata patch.
-UPDATE jobs
-   SET status = 'failed', error_message = $3, metadata = metadata || $4::jsonb,
-       lease_expires_at = NULL, completed_at = clock_timestamp(), updated_at = clock_timestamp()
- WHERE id = $1 AND attempts = $2 AND status = 'processing';
+-- The job and its asset rows, failed. Returns the number of jobs failed (0: fenced out).
+-- $1 job id, $2 attempt, $3 error message, $4 job metadata patch, $5 asset metadata patch.
+WITH failed AS (
+    UPDATE jobs
+       SET status = 'failed', error_message = $3, metadata = metadata || $4::jsonb,
+           lease_expires_at = NULL, completed_at = clock_timestamp(),
+           updated_at = clock_timestamp()
+     WHERE id = $1 AND attempts = $2 AND status = 'processing'
+    RETURNING id
+), image_rows AS (
+    UPDATE images
+       SET status = 'failed', metadata = images.metadata || $5::jsonb,
+           updated_at = clock_timestamp()
+      FROM failed
+     WHERE images.job_id = failed.id
+), video_rows AS (
+    UPDATE videos
+       SET status = 'failed', metadata = videos.metadata || $5::jsonb,
+           updated_at = clock_timestamp()
+      FROM failed
+     WHERE videos.job_id = failed.id
+)
+SELECT count(*) FROM failed;
 
 -- name: release_job
 -- Back to the queue without an outcome (the replica is stopping); the attempt stays counted.
--- $1 job id, $2 attempt.
-UPDATE jobs
-   SET status = 'queued', claimed_by = NULL, lease_expires_at = NULL, started_at = NULL,
-       updated_at = clock_timestamp()
- WHERE id = $1 AND attempts = $2 AND status = 'processing'
-RETURNING pg_notify('{notify_channel}', queue);
+-- Returns a row when released. $1 job id, $2 attempt.
+WITH released AS (
+    UPDATE jobs
+       SET status = 'queued', claimed_by = NULL, lease_expires_at = NULL, started_at = NULL,
+           updated_at = clock_timestamp()
+     WHERE id = $1 AND attempts = $2 AND status = 'processing'
+    RETURNING id, queue
+), image_rows AS (
+    UPDATE images
+       SET status = 'queued', updated_at = clock_timestamp()
+      FROM released
+     WHERE images.job_id = released.id
+), video_rows AS (
+    UPDATE videos
+       SET status = 'queued', updated_at = clock_timestamp()
+      FROM released
+     WHERE videos.job_id = released.id
+)
+SELECT pg_notify('{notify_channel}', queue) FROM released;
 
 -- name: reap_expired_leases
 -- Jobs whose lease expired (their replica died or hung) go back to the queue, or fail once
