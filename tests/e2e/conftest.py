@@ -13,10 +13,11 @@ from ourvidz_serve.persistence.database import start_embedded_postgres
 from tests.launcher import RunningService, run_service
 
 API_KEY = "e2e-service-key"
-# Short leases, so a killed replica's jobs come back within seconds.
+# Short leases, so a killed replica's jobs come back within seconds; long enough (10 heartbeats)
+# that a live replica on a loaded CI machine does not lose one.
 FAST_RECOVERY = {
     "OURVIDZ_QUEUE_POLL_INTERVAL_S": "0.2",
-    "OURVIDZ_LEASE_S": "4",
+    "OURVIDZ_LEASE_S": "10",
     "OURVIDZ_HEARTBEAT_INTERVAL_S": "1",
     "OURVIDZ_REAPER_INTERVAL_S": "1",
 }
