@@ -59,3 +59,16 @@ def test_every_serve_config_is_a_valid_ray_serve_deploy_config():
 
     for path in [REPO / "serve_config.yaml", *sorted((REPO / "deployments").glob("*.yaml"))]:
         ServeDeploySchema.model_validate(yaml.safe_load(path.read_text()))
+
+
+def test_the_cluster_can_grow_gpu_nodes_for_the_replicas_the_backlog_asks_for():
+    service = yaml.safe_load((REPO / "k8s" / "rayservice.yaml").read_text())
+    cluster = service["spec"]["rayClusterConfig"]
+    assert cluster["enableInTreeAutoscaling"] is True
+    [gpu_group] = cluster["workerGroupSpecs"]
+    assert gpu_group["maxReplicas"] > gpu_group["minReplicas"]
+    serve_config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    deployments = {d["name"]: d for d in serve_config["applications"][0]["deployments"]}
+    for name in ("SDXL", "WAN"):
+        policy = deployments[name]["autoscaling_config"]["policy"]
+        assert policy["policy_function"].endswith(":BacklogAutoscalingPolicy")
