@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
+from ourvidz_serve.workers.handlers import Enhancer
 
 
-class ModelClient(Protocol):
-    async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]: ...
-
+class ModelClient(Enhancer, Protocol):
     async def check(self) -> dict[str, str]:
         """Ask every model deployment whether it answers; raise if one does not."""
         ...
