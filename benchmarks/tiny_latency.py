@@ -129,7 +129,7 @@ def main() -> None:
         print(
             f"{name:<18}{bare_ms:>12.1f}{model_ms:>12.1f}{e2e_ms:>12.1f}{e2e_ms / bare_ms:>12.2f}"
         )
-    print("in-service: the job's recorded generation_time (model call through the Serve handle)")
+    print("in-service: the job's recorded generation_time (the pipeline call in the replica)")
 
 
 if __name__ == "__main__":
