@@ -219,9 +219,9 @@ class QueueWorker:
                 job.id,
                 job.attempts,
             )
-        finally:
-            if self._held.get(job.id) == job.attempts:
-                del self._held[job.id]
+        # Not reached when cancelled: a stopping worker releases the jobs it still holds.
+        if self._held.get(job.id) == job.attempts:
+            del self._held[job.id]
 
     async def _still_held(self, job: JobRecord) -> bool:
         """False when the lease was lost (and the job maybe re-claimed): skip the upload."""

@@ -264,6 +264,33 @@ async def test_a_stopping_worker_releases_what_it_cannot_finish_to_the_queue(
     assert {asset.status for asset in released.assets} == {JobStatus.QUEUED}
 
 
+class StuckStorage(FlakyStorage):
+    """Uploads that never finish: a storage endpoint that hangs."""
+
+    def __init__(self, inner: LocalStorage) -> None:
+        super().__init__(inner, failures=0)
+        self.uploading = asyncio.Event()
+
+    async def put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
+        self.uploading.set()
+        await asyncio.Event().wait()
+
+
+async def test_a_stopping_worker_releases_a_job_caught_mid_upload(
+    repository, settings, local_storage
+):
+    job, _ = await repository.insert_job(plan())
+    handler = HeldHandler()
+    handler.release.set()
+    stuck = StuckStorage(local_storage)
+    async with worker(repository, stuck, handler, settings, shutdown_grace_s=0.2) as w:
+        await asyncio.wait_for(stuck.uploading.wait(), timeout=10)
+        await w.stop()
+    released = await repository.get_job(job.id)
+    assert released is not None and released.status is JobStatus.QUEUED
+    assert released.lease_expires_at is None and released.claimed_by is None
+
+
 async def test_a_worker_that_lost_its_lease_drops_its_result_and_the_newer_attempt_wins(
     repository, pool: asyncpg.Pool, settings, local_storage, tiny_runners: TinyRunners
 ):
