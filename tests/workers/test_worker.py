@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import shutil
 import tempfile
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -394,3 +395,4 @@ async def test_a_database_restart_loses_no_job_and_submissions_meanwhile_get_503
                     assert stored.stat().st_size > 0
     finally:
         server.cleanup()
+        shutil.rmtree(pg_dir, ignore_errors=True)
