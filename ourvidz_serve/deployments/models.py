@@ -10,11 +10,10 @@ the grace period and releases the rest to the queue. The runners know nothing of
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -26,11 +25,9 @@ from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
 from ourvidz_serve.settings import Settings
-from ourvidz_serve.storage import create_storage
+from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.handlers import JobHandler
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
-
-logger = logging.getLogger(__name__)
 
 
 def _worker_id(deployment: str) -> str:
@@ -45,19 +42,20 @@ class _QueueWorkerReplica:
     _deployment: str
     _queue: Queue
 
-    async def _start_worker(self, settings: Settings, handler_for: Any) -> None:
+    async def _start_worker(
+        self, settings: Settings, handler_for: Callable[[Storage], JobHandler]
+    ) -> None:
         self._stack = AsyncExitStack()
         self._worker: QueueWorker | None = None
         pool = await self._stack.enter_async_context(open_database(settings))
         storage = create_storage(settings)
         await storage.start()
         self._stack.push_async_callback(storage.close)
-        handler: JobHandler = handler_for(storage)
         if settings.workers_enabled:
             self._worker = QueueWorker(
                 JobRepository(pool),
                 storage,
-                handler,
+                handler_for(storage),
                 WorkerConfig.for_queue(settings, self._queue),
                 _worker_id(self._deployment),
             )

@@ -274,7 +274,10 @@ class JobRepository:
     async def _fetch_assets(
         self, connection: asyncpg.Connection, job_ids: list[UUID]
     ) -> dict[UUID, list[AssetRecord]]:
-        return _assets_by_job(await connection.fetch(_ASSETS_OF_JOBS, job_ids))
+        by_job: dict[UUID, list[AssetRecord]] = {}
+        for row in await connection.fetch(_ASSETS_OF_JOBS, job_ids):
+            by_job.setdefault(row["job_id"], []).append(_asset_record(row))
+        return by_job
 
     async def list_jobs(
         self, filters: JobFilters, limit: int, cursor: str | None
@@ -453,13 +456,6 @@ def _asset_record(row: asyncpg.Record) -> AssetRecord:
         metadata=row["metadata"],
         completed_at=row["completed_at"],
     )
-
-
-def _assets_by_job(rows: list[asyncpg.Record]) -> dict[UUID, list[AssetRecord]]:
-    by_job: dict[UUID, list[AssetRecord]] = {}
-    for row in sorted(rows, key=lambda row: (row["job_id"], row["idx"])):
-        by_job.setdefault(row["job_id"], []).append(_asset_record(row))
-    return by_job
 
 
 def _claimed_assets(row: asyncpg.Record) -> list[AssetRecord]:
