@@ -27,6 +27,7 @@ from tenacity import (
     stop_after_delay,
     wait_exponential_jitter,
 )
+from tenacity.stop import StopBaseT
 
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
@@ -318,24 +319,20 @@ class QueueWorker:
             )
 
     async def _put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(StorageError),
-            stop=stop_after_attempt(self._config.storage_put_attempts),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
-            before_sleep=_log_retry(f"upload of {bucket}/{key}"),
-            reraise=True,
+        async for attempt in _retrying(
+            StorageError,
+            stop_after_attempt(self._config.storage_put_attempts),
+            f"upload of {bucket}/{key}",
         ):
             with attempt:
                 await self._storage.put(bucket, key, data, content_type)
 
     async def _record(self, write: Callable[[], Awaitable[bool]]) -> bool:
         """Write an outcome, retrying while the database is unavailable: keep the result."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(DatabaseUnavailable),
-            stop=stop_after_delay(self._config.record_retry_s),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0),
-            before_sleep=_log_retry("recording an outcome"),
-            reraise=True,
+        async for attempt in _retrying(
+            DatabaseUnavailable,
+            stop_after_delay(self._config.record_retry_s),
+            "recording an outcome",
         ):
             with attempt:
                 return await write()
@@ -366,12 +363,20 @@ class QueueWorker:
             await asyncio.sleep(BACKLOG_REFRESH_S)
 
 
-def _log_retry(what: str) -> Callable[[RetryCallState], None]:
-    def log(state: RetryCallState) -> None:
-        error = state.outcome.exception() if state.outcome else None
-        logger.warning("%s failed (attempt %d: %s); retrying", what, state.attempt_number, error)
+def _retrying(error: type[Exception], stop: StopBaseT, what: str) -> AsyncRetrying:
+    """Retry ``error`` with jittered exponential backoff until ``stop``, then re-raise it."""
 
-    return log
+    def log(state: RetryCallState) -> None:
+        failure = state.outcome.exception() if state.outcome else None
+        logger.warning("%s failed (attempt %d: %s); retrying", what, state.attempt_number, failure)
+
+    return AsyncRetrying(
+        retry=retry_if_exception_type(error),
+        stop=stop,
+        wait=wait_exponential_jitter(initial=0.2, max=5.0),
+        before_sleep=log,
+        reraise=True,
+    )
 
 
 def _timings(job: JobRecord, claimed_at: float) -> dict[str, Any]:
