@@ -39,7 +39,13 @@ import yaml
 from ourvidz_serve.persistence.database import start_embedded_postgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
-from tests.launcher import REPO_ROOT, RunningService, replica_pids, run_service
+from tests.launcher import (
+    NO_REQUEST_LIMITS,
+    REPO_ROOT,
+    RunningService,
+    replica_pids,
+    run_service,
+)
 
 JOB_TYPE = "sdxl_image_fast"
 USER = str(uuid4())
@@ -158,7 +164,7 @@ def run_mode(batch_images: int, args: argparse.Namespace) -> list[Round]:
 
 
 def mode_env(batch_images: int) -> dict[str, str]:
-    return {"OURVIDZ_SDXL_BATCH_IMAGES": str(batch_images)}
+    return NO_REQUEST_LIMITS | {"OURVIDZ_SDXL_BATCH_IMAGES": str(batch_images)}
 
 
 def format_batches(batch_sizes: Counter[int]) -> str:

@@ -52,7 +52,7 @@ from ourvidz_serve.catalog import JOB_TYPES, SDXL_NUM_IMAGES, ModelFamily, Outpu
 from ourvidz_serve.persistence.database import start_embedded_postgres
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
-from tests.launcher import RunningService, replica_pids, run_service
+from tests.launcher import NO_REQUEST_LIMITS, RunningService, replica_pids, run_service
 
 DEPLOYMENTS = ("Ingress", "SDXL", "WAN", "Enhancer")
 TERMINAL = ["completed", "failed", "cancelled"]
@@ -498,7 +498,7 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     api_key = "chaos-" + uuid4().hex
     print(f"work directory {workdir}; service log {workdir / 'serve.log'}", flush=True)
-    with run_service(workdir, api_key=api_key, extra_env=SETTINGS) as service:
+    with run_service(workdir, api_key=api_key, extra_env=NO_REQUEST_LIMITS | SETTINGS) as service:
         print(f"service ready at {service.base_url}", flush=True)
         run, report = asyncio.run(chaos(service, args))
     print_report(report, run, args)

@@ -26,7 +26,7 @@ from fastapi import FastAPI, Request
 from ray import serve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
-from tests.launcher import free_loopback_port, run_service
+from tests.launcher import NO_USER_LIMITS, free_loopback_port, run_service
 
 echo_api = FastAPI()
 
@@ -87,7 +87,9 @@ def echo_throughput(clients: int, seconds: float, body: dict) -> float:
 
 def submission_throughput(clients: int, seconds: float, body: dict) -> float:
     api_key = "bench-" + uuid4().hex
-    extra_env = {"OURVIDZ_WORKERS_ENABLED": "false"}
+    # The per-key rate limit stays on (its round trip is part of a submission's cost); one
+    # user's limits would refuse the load itself.
+    extra_env = NO_USER_LIMITS | {"OURVIDZ_WORKERS_ENABLED": "false"}
     with (
         tempfile.TemporaryDirectory(prefix="ovz-bench-") as workdir,
         run_service(Path(workdir), api_key=api_key, extra_env=extra_env) as service,

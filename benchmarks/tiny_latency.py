@@ -32,7 +32,7 @@ from ourvidz_serve.pipelines.wan import WanPipelineRunner
 from ourvidz_serve.settings import Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for tests
-from tests.launcher import run_service
+from tests.launcher import NO_REQUEST_LIMITS, run_service
 
 USER = str(uuid4())
 MEASURED = ("sdxl_image_fast", "image_fast", "video_fast")
@@ -100,7 +100,7 @@ def main() -> None:
     results: dict[str, dict[str, list[float]]] = {}
     with (
         tempfile.TemporaryDirectory(prefix="ovz-bench-") as workdir,
-        run_service(Path(workdir), api_key=api_key) as service,
+        run_service(Path(workdir), api_key=api_key, extra_env=NO_REQUEST_LIMITS) as service,
         httpx.Client(
             base_url=service.base_url,
             headers={"Authorization": f"Bearer {api_key}"},

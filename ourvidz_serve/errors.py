@@ -22,6 +22,44 @@ class InvalidRequest(OurVidzError):
     code = "invalid_request"
 
 
+class PromptRefused(InvalidRequest):
+    """The prompt policy refused a prompt. The message names the rule, never the matched text."""
+
+    code = "prompt_refused"
+
+
+class ImageRejected(InvalidRequest):
+    """An uploaded or fetched reference is not an acceptable image."""
+
+    code = "invalid_image"
+
+
+class UrlRefused(InvalidRequest):
+    """A reference URL may not be fetched (scheme, address, redirect, size or time)."""
+
+    code = "reference_url_refused"
+
+
+class PayloadTooLarge(OurVidzError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class RateLimited(OurVidzError):
+    """Too many requests or queued jobs; ``retry_after_s`` becomes the ``Retry-After`` header."""
+
+    status_code = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, *, retry_after_s: float, details: Any = None) -> None:
+        super().__init__(message, details=details)
+        self.retry_after_s = retry_after_s
+
+
+class TooManyQueuedJobs(RateLimited):
+    code = "too_many_queued_jobs"
+
+
 class Unauthorized(OurVidzError):
     status_code = 401
     code = "unauthorized"

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+MIN_JWT_SECRET_BYTES = 32
 
 
 class ModelProfile(StrEnum):
@@ -64,6 +69,60 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list)
     jwt_secret: SecretStr | None = None
 
+    max_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body of a JSON route (413 above it)"
+    )
+    max_json_depth: int = Field(32, ge=2, description="Deepest nesting a JSON body may have")
+    reference_max_bytes: int = Field(
+        16_777_216, ge=1024, description="Largest reference image, uploaded or fetched"
+    )
+    reference_max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        description="Most pixels a reference image may declare; checked on the header, "
+        "before any decoding",
+    )
+    reference_fetch_timeout_s: float = Field(
+        10.0, gt=0, description="Total time to fetch a reference URL, redirects included"
+    )
+    reference_fetch_allow_http: bool = Field(
+        False, description="Also fetch plain-http reference URLs (https only by default)"
+    )
+    reference_fetch_allowed_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="FOR TESTS ONLY: origins (scheme://ip:port) fetched even though their "
+        "address is refused (e.g. one loopback test server)",
+    )
+
+    prompt_policy_minors_rule: bool = Field(
+        True, description="The default deny rule: sexual content involving minors"
+    )
+    prompt_deny_patterns: list[str] = Field(
+        default_factory=list,
+        description="Extra deny rules: regular expressions matched against the normalized "
+        "prompt (lower case, homoglyphs, leetspeak and spacing undone), as a JSON list",
+    )
+    prompt_classifier: str | None = Field(
+        None,
+        description="'module:callable' returning an external classifier (see "
+        "ourvidz_serve.security.prompt_policy.PromptClassifier)",
+    )
+
+    rate_limit_per_key_per_s: float = Field(
+        200.0, ge=0, description="Requests per second per service API key (0: unlimited)"
+    )
+    rate_limit_per_key_burst: int = Field(400, ge=1)
+    rate_limit_per_user_per_s: float = Field(
+        5.0, ge=0, description="Requests per second per user, by token or on their behalf"
+    )
+    rate_limit_per_user_burst: int = Field(30, ge=1)
+    max_queued_jobs_per_user: int = Field(
+        50, ge=0, description="Queued (not yet started) jobs a user may have (0: unlimited)"
+    )
+    queued_jobs_retry_after_s: int = Field(
+        15, ge=1, description="Retry-After of a submission refused for too many queued jobs"
+    )
+
     callback_url: str | None = None
     callback_secret: SecretStr | None = None
 
@@ -101,7 +160,7 @@ class Settings(BaseSettings):
         "is unavailable",
     )
 
-    @field_validator("api_keys", mode="before")
+    @field_validator("api_keys", "reference_fetch_allowed_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
@@ -113,6 +172,29 @@ class Settings(BaseSettings):
         if self.heartbeat_interval_s >= self.lease_s:
             raise ValueError("heartbeat_interval_s must be shorter than lease_s")
         return self
+
+    @model_validator(mode="after")
+    def _strong_jwt_secret(self) -> Settings:
+        if self.jwt_secret is not None:
+            length = len(self.jwt_secret.get_secret_value().encode())
+            if length < MIN_JWT_SECRET_BYTES:
+                raise ValueError(
+                    f"OURVIDZ_JWT_SECRET is {length} bytes; HS256 needs at least "
+                    f"{MIN_JWT_SECRET_BYTES} (e.g. `openssl rand -hex 32`)"
+                )
+        return self
+
+    def secrets(self) -> list[str]:
+        """Every configured secret, for log redaction."""
+        values = [*self.api_keys]
+        for secret in (self.jwt_secret, self.url_signing_secret, self.callback_secret):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        if self.database_url is not None:
+            password = urlsplit(self.database_url.get_secret_value()).password
+            if password:
+                values.append(password)
+        return values
 
     @property
     def embedded_database_dir(self) -> Path:
@@ -140,12 +222,18 @@ class Settings(BaseSettings):
         return self.model_copy(update={"api_keys": [key]}), key
 
     def signing_key(self) -> bytes:
-        """Secret for local signed URLs; derived from the first API key when not set."""
+        """Secret for local signed URLs; derived from the API keys when not set.
+
+        Derived from the sorted keys, so reordering ``OURVIDZ_API_KEYS`` keeps URLs valid;
+        adding or removing a key does change it (set ``OURVIDZ_URL_SIGNING_SECRET`` to rotate
+        keys without invalidating URLs).
+        """
         if self.url_signing_secret is not None:
             return self.url_signing_secret.get_secret_value().encode()
         if not self.api_keys:
             raise ValueError("no url_signing_secret and no API key to derive one from")
-        return ("ourvidz-url-signing:" + self.api_keys[0]).encode()
+        material = "\n".join(sorted(set(self.api_keys))).encode()
+        return hmac.new(b"ourvidz-url-signing", material, hashlib.sha256).digest()
 
 
 def _load_or_create_dev_key(path: Path) -> str:

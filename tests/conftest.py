@@ -37,6 +37,9 @@ def settings(tmp_path: Path, database_url: str) -> Settings:
         data_dir=tmp_path / "data",
         api_keys=[TEST_API_KEY],
         queue_poll_interval_s=0.2,
+        # Limits get their own tests; elsewhere a test may submit as fast as it likes.
+        rate_limit_per_user_per_s=0,
+        max_queued_jobs_per_user=0,
     )
 
 
@@ -49,7 +52,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def repository(pool: asyncpg.Pool) -> JobRepository:
     """A repository over empty tables."""
-    await pool.execute("TRUNCATE jobs, images, videos")
+    await pool.execute("TRUNCATE jobs, images, videos, rate_limits")
     return JobRepository(pool)
 
 

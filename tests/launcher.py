@@ -36,6 +36,12 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "ourvidz"
+# Load generators submit far faster than one user may: they measure the service, not the limits.
+NO_USER_LIMITS = {
+    "OURVIDZ_RATE_LIMIT_PER_USER_PER_S": "0",
+    "OURVIDZ_MAX_QUEUED_JOBS_PER_USER": "0",
+}
+NO_REQUEST_LIMITS = NO_USER_LIMITS | {"OURVIDZ_RATE_LIMIT_PER_KEY_PER_S": "0"}
 
 
 @dataclass(frozen=True)
@@ -63,12 +69,23 @@ def run_service(
     api_key: str,
     config: Path = REPO_ROOT / "serve_config.yaml",
     extra_env: Mapping[str, str] | None = None,
+    deployment_overrides: Mapping[str, Mapping[str, object]] | None = None,
     start_timeout_s: float = 300,
 ) -> Iterator[RunningService]:
-    """Run ``serve run`` on ``config`` with its data under ``workdir``; stop it on exit."""
+    """Run ``serve run`` on ``config`` with its data under ``workdir``; stop it on exit.
+
+    ``deployment_overrides`` merges options into named deployments of the config (one level
+    deep: ``{"Ingress": {"num_replicas": 2}}``), for tests that need another shape.
+    """
     port = free_loopback_port()
     serve_config = yaml.safe_load(config.read_text())
     serve_config["http_options"]["port"] = port
+    for deployment in serve_config["applications"][0]["deployments"]:
+        for key, value in (deployment_overrides or {}).get(deployment["name"], {}).items():
+            if isinstance(value, Mapping):
+                deployment[key] = {**deployment.get(key, {}), **value}
+            else:
+                deployment[key] = value
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config))
     base_url = f"http://127.0.0.1:{port}"

@@ -26,6 +26,8 @@ def test_code_that_needs_no_ray_does_not_import_it():
         "ourvidz_serve.persistence.repository",
         "ourvidz_serve.workers.worker",
         "ourvidz_serve.workers.handlers",
+        "ourvidz_serve.security.fetch",
+        "ourvidz_serve.security.prompt_policy",
     ):
         assert "ray" not in loaded_after_import(module), module
 
@@ -42,6 +44,9 @@ FORBIDDEN = {
     "storage": {"api", "deployments", "jobs", "workers", "persistence", "pipelines"},
     "domain": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
     "catalog": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
+    # Defences against hostile input are leaves: pure functions over bytes, URLs and text.
+    "security": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
+    "redaction": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
 }
 
 

@@ -47,3 +47,38 @@ def test_configured_keys_are_kept_and_no_key_is_generated(tmp_path):
 def test_other_profiles_refuse_to_start_without_keys(profile):
     with pytest.raises(ValueError, match="OURVIDZ_API_KEYS must be set"):
         Settings(model_profile=profile, api_keys=[]).with_generated_dev_key()
+
+
+def test_a_jwt_secret_shorter_than_32_bytes_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="at least 32"):
+        Settings(jwt_secret="short-secret")
+    assert Settings(jwt_secret="s" * 32).jwt_secret is not None
+
+
+def test_the_url_signing_key_does_not_depend_on_the_order_of_the_api_keys():
+    forward = Settings(api_keys=["key-one", "key-two"]).signing_key()
+    backward = Settings(api_keys=["key-two", "key-one"]).signing_key()
+    assert forward == backward
+    assert Settings(api_keys=["key-one"]).signing_key() != forward
+    assert b"key-one" not in forward
+    assert Settings(api_keys=["k"], url_signing_secret="explicit").signing_key() == b"explicit"
+
+
+def test_extra_prompt_deny_patterns_are_a_json_list(monkeypatch):
+    monkeypatch.setenv("OURVIDZ_PROMPT_DENY_PATTERNS", '["gore{2,}", "a,b"]')
+    assert Settings().prompt_deny_patterns == ["gore{2,}", "a,b"]
+
+
+def test_every_configured_secret_is_listed_for_redaction():
+    settings = Settings(
+        api_keys=["service-key-1"],
+        jwt_secret="j" * 32,
+        callback_secret="callback-secret",
+        database_url="postgresql://ourvidz:db-password-9@127.0.0.1:5432/ourvidz",
+    )
+    assert set(settings.secrets()) == {
+        "service-key-1",
+        "j" * 32,
+        "callback-secret",
+        "db-password-9",
+    }

@@ -12,19 +12,28 @@ from fastapi import FastAPI
 
 from ourvidz_serve import __version__
 from ourvidz_serve.api.auth import Authenticator
+from ourvidz_serve.api.body_limit import BodySizeLimit
 from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
 from ourvidz_serve.api.model_client import ModelClient
+from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.state import AppState
+from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.redaction import install_log_redaction
+from ourvidz_serve.security.fetch import ReferenceFetcher
+from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
 from ourvidz_serve.workers.reaper import run_reaper
 
 logger = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 @asynccontextmanager
@@ -44,13 +53,38 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             run_reaper(repository, settings.reaper_interval_s, settings.max_attempts)
         )
         stack.push_async_callback(_cancelled, reaper)
+        references = ReferenceService(
+            storage,
+            ReferenceFetcher.from_settings(settings),
+            max_bytes=settings.reference_max_bytes,
+            max_pixels=settings.reference_max_pixels,
+        )
+        stack.push_async_callback(references.close)
+        limiter = RateLimiter(
+            repository,
+            per_key_per_s=settings.rate_limit_per_key_per_s,
+            per_key_burst=settings.rate_limit_per_key_burst,
+            per_user_per_s=settings.rate_limit_per_user_per_s,
+            per_user_burst=settings.rate_limit_per_user_burst,
+        )
+        jobs = JobService(
+            repository,
+            storage,
+            references=references,
+            policy=PromptPolicy.from_settings(settings),
+            limiter=limiter,
+            max_queued_jobs=settings.max_queued_jobs_per_user,
+            queued_jobs_retry_after_s=settings.queued_jobs_retry_after_s,
+        )
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
             settings=settings,
             repository=repository,
             storage=storage,
             models=models,
-            jobs=JobService(repository, storage),
+            jobs=jobs,
+            references=references,
+            limiter=limiter,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
         )
 
@@ -72,6 +106,7 @@ def create_app(settings: Settings, models: ModelClient) -> FastAPI:
             yield
             app.state.ourvidz = None
 
+    install_log_redaction(settings.secrets())
     app = FastAPI(
         title="ourvidz-serve",
         version=__version__,
@@ -81,4 +116,11 @@ def create_app(settings: Settings, models: ModelClient) -> FastAPI:
     install_error_handlers(app)
     app.include_router(service_router)
     app.include_router(jobs_router)
+    app.include_router(references_router)
+    app.add_middleware(
+        BodySizeLimit,
+        default_limit=settings.max_body_bytes,
+        # An upload is an image plus the multipart framing around it.
+        limits={references_router.prefix: settings.reference_max_bytes + MULTIPART_OVERHEAD_BYTES},
+    )
     return app

@@ -1,19 +1,33 @@
-"""Credentials: service API keys and HS256 user JWTs, both as ``Authorization: Bearer``."""
+"""Credentials: service API keys and HS256 user JWTs, both as ``Authorization: Bearer``.
+
+Keys are compared in constant time, every key every time, and are never logged or echoed; a
+caller is known afterwards by :func:`key_id`, a short hash of its key.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from uuid import UUID
 
 import jwt
 
 from ourvidz_serve.errors import Unauthorized
-from ourvidz_serve.jobs.service import Principal
+from ourvidz_serve.jobs.principal import Principal
+
+JWT_ALGORITHM = "HS256"
+JWT_LEEWAY_S = 10
+"""Clock skew tolerated on ``exp``/``nbf``/``iat`` between the platform and this service."""
+
+
+def key_id(api_key: str) -> str:
+    """A stable, non-reversible name for an API key (for rate limits and logs)."""
+    return hashlib.sha256(api_key.encode()).hexdigest()[:16]
 
 
 class Authenticator:
     def __init__(self, api_keys: list[str], jwt_secret: str | None) -> None:
-        self._api_keys = [key.encode() for key in api_keys]
+        self._api_keys = [(key.encode(), key_id(key)) for key in api_keys]
         self._jwt_secret = jwt_secret
 
     def authenticate(self, authorization: str | None) -> Principal:
@@ -23,8 +37,14 @@ class Authenticator:
         credential = credential.strip()
         if scheme.lower() != "bearer" or not credential:
             raise Unauthorized("Authorization must be 'Bearer <key or token>'")
-        if any(hmac.compare_digest(credential.encode(), key) for key in self._api_keys):
-            return Principal(user_id=None, is_service=True)
+        presented = credential.encode("utf-8", "replace")
+        matched: str | None = None
+        # No early exit: the time taken does not tell how many keys were tried.
+        for key, identifier in self._api_keys:
+            if hmac.compare_digest(presented, key):
+                matched = identifier
+        if matched is not None:
+            return Principal(user_id=None, is_service=True, key_id=matched)
         if self._jwt_secret is None or credential.count(".") != 2:
             raise Unauthorized("invalid API key")
         return self._user_from_token(credential, self._jwt_secret)
@@ -32,8 +52,14 @@ class Authenticator:
     @staticmethod
     def _user_from_token(token: str, secret: str) -> Principal:
         try:
+            # The algorithm is pinned: "none", RS256 with the secret as a public key, and any
+            # other header value are refused by PyJWT before the signature is looked at.
             claims = jwt.decode(
-                token, secret, algorithms=["HS256"], options={"require": ["sub", "exp"]}
+                token,
+                secret,
+                algorithms=[JWT_ALGORITHM],
+                leeway=JWT_LEEWAY_S,
+                options={"require": ["sub", "exp"]},
             )
             return Principal(user_id=UUID(str(claims["sub"])), is_service=False)
         except jwt.PyJWTError as exc:

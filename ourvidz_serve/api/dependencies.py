@@ -1,4 +1,4 @@
-"""FastAPI dependencies shared by the routers (async: they do no I/O, so no threadpool hop)."""
+"""FastAPI dependencies shared by the routers (async, so no threadpool hop)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from fastapi import Depends, Header, Request
 
 from ourvidz_serve.api.state import AppState
 from ourvidz_serve.errors import ServiceUnavailable
-from ourvidz_serve.jobs.service import Principal
+from ourvidz_serve.jobs.principal import Principal
 
 
 async def get_state(request: Request) -> AppState:
@@ -23,4 +23,7 @@ async def require_principal(
     state: Annotated[AppState, Depends(get_state)],
     authorization: Annotated[str | None, Header()] = None,
 ) -> Principal:
-    return state.authenticator.authenticate(authorization)
+    """The authenticated caller, after spending one request of its rate budget."""
+    principal = state.authenticator.authenticate(authorization)
+    await state.limiter.spend(principal)
+    return principal

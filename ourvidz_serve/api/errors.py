@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -10,7 +11,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ourvidz_serve.errors import OurVidzError
+from ourvidz_serve.errors import OurVidzError, RateLimited
+from ourvidz_serve.jobs.protocol import ErrorBody
 
 logger = logging.getLogger(__name__)
 
@@ -21,13 +23,53 @@ _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
     413: "payload_too_large",
+    429: "rate_limited",
     415: "unsupported_media_type",
 }
 
 
-def error_response(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+_DESCRIPTIONS = {
+    400: "The body cannot be parsed (not JSON, or nested too deeply)",
+    401: "No credential, or an invalid one",
+    403: "The credential may not do this",
+    404: "No such resource (or it belongs to another user)",
+    409: "Conflict with an earlier request",
+    413: "The request body is larger than allowed",
+    422: "The request is invalid; the message says why",
+    429: "Rate limit or queued-jobs cap reached; see the Retry-After header",
+    503: "The service is starting or its database is unavailable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for error statuses, all in the contract's error shape."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        response: dict[str, Any] = {"model": ErrorBody, "description": _DESCRIPTIONS[status]}
+        if status == 429:
+            response["headers"] = {
+                "Retry-After": {
+                    "description": "Seconds to wait before retrying",
+                    "schema": {"type": "integer"},
+                }
+            }
+        responses[status] = response
+    return responses
+
+
+AUTHENTICATED_ERRORS = error_responses(401, 429, 503)
+"""What any route behind a credential can answer, whatever it does."""
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Any = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "details": details}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _validation_details(exc: RequestValidationError) -> list[dict[str, Any]]:
@@ -41,7 +83,10 @@ async def _on_service_error(_request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, OurVidzError)
     if exc.status_code >= 500:
         logger.error("%s: %s", exc.code, exc.message)
-    return error_response(exc.status_code, exc.code, exc.message, exc.details)
+    headers = None
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return error_response(exc.status_code, exc.code, exc.message, exc.details, headers)
 
 
 async def _on_validation_error(_request: Request, exc: Exception) -> JSONResponse:

@@ -9,22 +9,23 @@ from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
 from ourvidz_serve.api.dependencies import get_state, require_principal
+from ourvidz_serve.api.errors import AUTHENTICATED_ERRORS, error_responses
 from ourvidz_serve.api.state import AppState
-from ourvidz_serve.jobs.protocol import ErrorBody, JobList, JobRequest, JobResource, JobStatus
-from ourvidz_serve.jobs.service import Principal
+from ourvidz_serve.jobs.principal import Principal
+from ourvidz_serve.jobs.protocol import JobList, JobRequest, JobResource, JobStatus
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
-
-_ERRORS: dict[int | str, dict[str, object]] = {
-    code: {"model": ErrorBody} for code in (401, 404, 409, 422)
-}
 
 
 @router.post(
     "",
     status_code=202,
     response_model=JobResource,
-    responses={200: {"model": JobResource, "description": "Idempotent replay"}, **_ERRORS},
+    responses={
+        200: {"model": JobResource, "description": "Idempotent replay"},
+        **AUTHENTICATED_ERRORS,
+        **error_responses(400, 403, 409, 413, 422),
+    },
 )
 async def submit_job(
     request: JobRequest,
@@ -36,7 +37,11 @@ async def submit_job(
     return JSONResponse(job.model_dump(mode="json"), status_code=202 if created else 200)
 
 
-@router.get("/{job_id}", response_model=JobResource, responses=_ERRORS)
+@router.get(
+    "/{job_id}",
+    response_model=JobResource,
+    responses={**AUTHENTICATED_ERRORS, **error_responses(404, 422)},
+)
 async def get_job(
     job_id: UUID,
     state: Annotated[AppState, Depends(get_state)],
@@ -45,7 +50,11 @@ async def get_job(
     return await state.jobs.get(job_id, principal)
 
 
-@router.get("", response_model=JobList, responses=_ERRORS)
+@router.get(
+    "",
+    response_model=JobList,
+    responses={**AUTHENTICATED_ERRORS, **error_responses(403, 422)},
+)
 async def list_jobs(
     state: Annotated[AppState, Depends(get_state)],
     principal: Annotated[Principal, Depends(require_principal)],

@@ -9,11 +9,12 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse, JSONResponse
 
 from ourvidz_serve.api.dependencies import get_state, require_principal
+from ourvidz_serve.api.errors import AUTHENTICATED_ERRORS, error_responses
 from ourvidz_serve.api.state import AppState
 from ourvidz_serve.catalog import JOB_TYPES, WAN_FPS, OutputFormat
 from ourvidz_serve.errors import NotFound
+from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import JobTypeResource
-from ourvidz_serve.jobs.service import Principal
 from ourvidz_serve.storage.local import LocalStorage
 
 router = APIRouter()
@@ -25,7 +26,14 @@ async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz", tags=["health"])
+@router.get(
+    "/readyz",
+    tags=["health"],
+    responses={
+        **AUTHENTICATED_ERRORS,
+        503: {"description": "Not ready: the body lists each check (or the error shape)"},
+    },
+)
 async def readyz(
     state: Annotated[AppState, Depends(get_state)],
     _principal: Annotated[Principal, Depends(require_principal)],
@@ -50,7 +58,12 @@ async def readyz(
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/v1/job-types", response_model=list[JobTypeResource], tags=["catalog"])
+@router.get(
+    "/v1/job-types",
+    response_model=list[JobTypeResource],
+    tags=["catalog"],
+    responses=AUTHENTICATED_ERRORS,
+)
 async def job_types(
     _principal: Annotated[Principal, Depends(require_principal)],
 ) -> list[JobTypeResource]:
@@ -79,7 +92,15 @@ async def job_types(
     ]
 
 
-@router.get("/v1/files/{bucket}/{key:path}", tags=["files"], response_class=FileResponse)
+@router.get(
+    "/v1/files/{bucket}/{key:path}",
+    tags=["files"],
+    response_class=FileResponse,
+    responses={
+        200: {"description": "The file", "content": {"application/octet-stream": {}}},
+        **error_responses(403, 404, 422, 503),
+    },
+)
 async def download_file(
     bucket: str,
     key: str,

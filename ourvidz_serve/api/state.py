@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.model_client import ModelClient
+from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
@@ -19,4 +21,6 @@ class AppState:
     storage: Storage
     models: ModelClient
     jobs: JobService
+    references: ReferenceService
+    limiter: RateLimiter
     authenticator: Authenticator

@@ -24,6 +24,7 @@ from ourvidz_serve.deployments.client import RayEnhancer
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
+from ourvidz_serve.redaction import install_log_redaction
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.handlers import JobHandler
@@ -45,6 +46,7 @@ class _QueueWorkerReplica:
     async def _start_worker(
         self, settings: Settings, handler_for: Callable[[Storage], JobHandler]
     ) -> None:
+        install_log_redaction(settings.secrets())
         self._stack = AsyncExitStack()
         self._worker: QueueWorker | None = None
         pool = await self._stack.enter_async_context(open_database(settings))
@@ -101,11 +103,13 @@ class WanDeployment(_QueueWorkerReplica):
         self, settings: Settings, enhancer: DeploymentHandle
     ) -> None:
         from ourvidz_serve.pipelines.wan import WanPipelineRunner
+        from ourvidz_serve.security.prompt_policy import PromptPolicy
         from ourvidz_serve.workers.handlers import WanJobHandler
 
         runner = await asyncio.to_thread(WanPipelineRunner.build, settings)
+        policy = PromptPolicy.from_settings(settings)
         await self._start_worker(
-            settings, lambda _storage: WanJobHandler(runner, RayEnhancer(enhancer))
+            settings, lambda _storage: WanJobHandler(runner, RayEnhancer(enhancer), policy)
         )
 
 

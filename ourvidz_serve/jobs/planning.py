@@ -33,7 +33,10 @@ def asset_seed(job_seed: int, index: int) -> int:
 
 def request_fingerprint(request: JobRequest, user_id: UUID) -> str:
     """Stable hash of what was asked, to tell a retried submission from a different one."""
-    body = request.model_dump(mode="json", exclude_none=True) | {"user_id": str(user_id)}
+    # A fetched reference's key is derived from its URL, so the URL alone says what was asked.
+    derived = {"reference_image_key"} if request.reference_image_url is not None else set()
+    body = request.model_dump(mode="json", exclude_none=True, exclude=derived)
+    body |= {"user_id": str(user_id)}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
@@ -84,6 +87,8 @@ def plan_job(
                 "reference_type": request.reference_type.value,
                 "reference_strength": request.reference_strength,
             }
+            if request.reference_image_url is not None:
+                system["reference_image_url"] = request.reference_image_url
     else:
         frame_num = spec.num_frames
         if spec.format is OutputFormat.VIDEO and request.frame_num is not None:

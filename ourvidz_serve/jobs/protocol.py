@@ -16,6 +16,8 @@ from ourvidz_serve.prompts import MAX_PROMPT_CHARS
 
 MAX_SEED = 2**32 - 1
 MAX_METADATA_BYTES = 16_384
+MAX_METADATA_DEPTH = 8
+"""Nesting of client metadata (objects and arrays); the platform's own metadata is flat."""
 
 # The seed's queue-job payload carried generation options inside `metadata`; they are lifted
 # to the top level when the top level does not set them.
@@ -52,6 +54,23 @@ RESERVED_METADATA_KEYS = frozenset(
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        children = (
+            item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        )
+        if children is None:
+            continue
+        deepest = max(deepest, depth + 1)
+        if deepest > MAX_METADATA_DEPTH:
+            return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 class ReferenceType(StrEnum):
     STYLE = "style"
     COMPOSITION = "composition"
@@ -64,7 +83,10 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
 
     job_type: str = Field(
-        validation_alias=AliasChoices("job_type", "jobType"), description="One of the ten job types"
+        validation_alias=AliasChoices("job_type", "jobType"),
+        description="One of the ten job types",
+        # Documented as an enum; validated by _known_job_type, whose message lists them.
+        json_schema_extra={"enum": [name for name in sorted(JOB_TYPES)]},
     )
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS)
     user_id: UUID | None = Field(None, validation_alias=AliasChoices("user_id", "userId"))
@@ -112,6 +134,8 @@ class JobRequest(BaseModel):
         reserved = sorted(RESERVED_METADATA_KEYS.intersection(value))
         if reserved:
             raise ValueError(f"metadata keys {reserved} are set by the service, not the client")
+        if _depth(value) > MAX_METADATA_DEPTH:
+            raise ValueError(f"metadata is nested more than {MAX_METADATA_DEPTH} levels deep")
         size = len(json.dumps(value, default=str).encode())
         if size > MAX_METADATA_BYTES:
             raise ValueError(f"metadata is {size} bytes; at most {MAX_METADATA_BYTES} allowed")
@@ -134,11 +158,6 @@ class JobRequest(BaseModel):
             raise ValueError("frame_num is only supported by WAN video job types")
         if self.reference_image_url is not None and self.reference_image_key is not None:
             raise ValueError("give reference_image_url or reference_image_key, not both")
-        if self.reference_image_url is not None:
-            raise ValueError(
-                "reference_image_url is not supported yet: upload the image to the "
-                "reference_images bucket and pass reference_image_key"
-            )
         return self
 
 

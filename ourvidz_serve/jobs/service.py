@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 from uuid import UUID
 
 from ourvidz_serve.errors import Forbidden, InvalidRequest, NotFound
+from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.planning import plan_job
+from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import (
     AssetResource,
     JobList,
@@ -15,34 +16,44 @@ from ourvidz_serve.jobs.protocol import (
     JobResource,
     JobStatus,
 )
+from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRecord, JobRepository
-from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
+from ourvidz_serve.security.prompt_policy import PromptPolicy
+from ourvidz_serve.storage import Storage
 
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
-@dataclass(frozen=True)
-class Principal:
-    """Who is calling: the platform's backend (service key) or one user (JWT)."""
-
-    user_id: UUID | None
-    is_service: bool
-
-    def can_see(self, job: JobRecord) -> bool:
-        return self.is_service or job.user_id == self.user_id
-
-
 class JobService:
-    def __init__(self, repository: JobRepository, storage: Storage) -> None:
+    def __init__(
+        self,
+        repository: JobRepository,
+        storage: Storage,
+        *,
+        references: ReferenceService,
+        policy: PromptPolicy,
+        limiter: RateLimiter,
+        max_queued_jobs: int = 0,
+        queued_jobs_retry_after_s: float = 15.0,
+    ) -> None:
         self._repository = repository
         self._storage = storage
+        self._references = references
+        self._policy = policy
+        self._limiter = limiter
+        self._max_queued_jobs = max_queued_jobs
+        self._queued_jobs_retry_after_s = queued_jobs_retry_after_s
 
     async def submit(
         self, request: JobRequest, principal: Principal, idempotency_key: str | None = None
     ) -> tuple[JobResource, bool]:
-        """Persist the job and its asset rows; return ``(job, created)``."""
-        user_id = self._user_for_submission(request, principal)
+        """Check, persist the job and its asset rows; return ``(job, created)``.
+
+        Every refusal (policy, limits, reference) comes before the job row exists, and the
+        cheap checks come before the reference URL is fetched.
+        """
+        user_id = principal.acting_for(request.user_id)
         if (
             idempotency_key is not None
             and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
@@ -50,26 +61,21 @@ class JobService:
             raise InvalidRequest(
                 f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters"
             )
-        if request.reference_image_key is not None and not await self._storage.exists(
-            REFERENCE_IMAGES_BUCKET, request.reference_image_key
-        ):
-            raise InvalidRequest(
-                "reference_image_key does not name an object in reference_images",
-                details={"reference_image_key": request.reference_image_key},
-            )
-        plan = plan_job(request, user_id, idempotency_key=idempotency_key)
-        job, created = await self._repository.insert_job(plan)
-        return await self.to_resource(job), created
-
-    def _user_for_submission(self, request: JobRequest, principal: Principal) -> UUID:
+        await self._policy.check_request(request.prompt, request.negative_prompt)
         if principal.is_service:
-            if request.user_id is None:
-                raise InvalidRequest("user_id is required with a service API key")
-            return request.user_id
-        assert principal.user_id is not None
-        if request.user_id is not None and request.user_id != principal.user_id:
-            raise Forbidden("user_id does not match the authenticated user")
-        return principal.user_id
+            await self._limiter.spend_for_user(user_id)
+        if request.reference_image_key is not None:
+            await self._references.ensure_usable(request.reference_image_key, user_id)
+        elif request.reference_image_url is not None:
+            stored = await self._references.fetch(request.reference_image_url, user_id)
+            request = request.model_copy(update={"reference_image_key": stored.key})
+        plan = plan_job(request, user_id, idempotency_key=idempotency_key)
+        job, created = await self._repository.insert_job(
+            plan,
+            max_queued=self._max_queued_jobs,
+            retry_after_s=self._queued_jobs_retry_after_s,
+        )
+        return await self.to_resource(job), created
 
     async def get(self, job_id: UUID, principal: Principal) -> JobResource:
         job = await self._repository.get_job(job_id)

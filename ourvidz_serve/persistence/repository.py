@@ -16,7 +16,12 @@ from uuid import UUID
 import asyncpg
 
 from ourvidz_serve.domain import AssetKind, JobPlan, JobStatus
-from ourvidz_serve.errors import Conflict, DatabaseUnavailable, InvalidRequest
+from ourvidz_serve.errors import (
+    Conflict,
+    DatabaseUnavailable,
+    InvalidRequest,
+    TooManyQueuedJobs,
+)
 from ourvidz_serve.persistence.queries import load_queries
 
 logger = logging.getLogger(__name__)
@@ -174,16 +179,54 @@ class JobRepository:
         async with self._connection() as connection:
             await connection.fetchval("SELECT 1")
 
-    async def insert_job(self, plan: JobPlan) -> tuple[JobRecord, bool]:
+    async def take_rate_token(self, subject: str, per_second: float, burst: int) -> float | None:
+        """Spend one request of ``subject``'s budget: ``None`` if allowed, else seconds to wait.
+
+        The budget lives in PostgreSQL, so every ingress replica spends from the same one.
+        """
+        interval = 1.0 / per_second
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                QUERIES["take_rate_token"], subject, interval, float(burst)
+            )
+        if row["allowed"]:
+            return None
+        # A concurrent request wrote the row after this statement began: about one interval.
+        wait = row["wait_s"]
+        return interval if wait is None else max(wait, 0.0)
+
+    async def insert_job(
+        self, plan: JobPlan, *, max_queued: int = 0, retry_after_s: float = 15.0
+    ) -> tuple[JobRecord, bool]:
         """Insert the job and all its asset rows in one transaction and wake the workers.
 
         Returns ``(job, created)``. With an idempotency key already used by the same user, the
         original job comes back with ``created=False``; with a different body, ``Conflict``.
         Two statements write everything (the job with its NOTIFY, then every asset row), and
         their RETURNING rows make the record, so a submission costs no read-back.
+
+        ``max_queued`` > 0 caps the user's queued jobs (``TooManyQueuedJobs`` beyond it). The
+        cap costs two more statements under a per-user lock, so that submissions through
+        several ingress replicas cannot overshoot it; a replay of an idempotent submission is
+        answered even at the cap.
         """
         spec = plan.spec
         async with self._connection() as connection, connection.transaction():
+            if max_queued > 0:
+                await connection.execute(QUERIES["lock_user_submissions"], plan.user_id)
+                if plan.idempotency_key is not None:
+                    replay = await self._idempotent_replay(connection, plan)
+                    if replay is not None:
+                        return replay, False
+                queued = await connection.fetchval(
+                    QUERIES["queued_jobs_of_user"], plan.user_id, max_queued
+                )
+                if queued >= max_queued:
+                    raise TooManyQueuedJobs(
+                        f"the user already has {max_queued} queued jobs; retry once some start",
+                        retry_after_s=retry_after_s,
+                        details={"max_queued_jobs": max_queued},
+                    )
             job_row = await connection.fetchrow(
                 f"""
                 WITH inserted AS (
@@ -246,11 +289,22 @@ class JobRepository:
     async def _existing_idempotent_job(
         self, connection: asyncpg.Connection, plan: JobPlan
     ) -> JobRecord:
+        job = await self._idempotent_replay(connection, plan)
+        assert job is not None
+        return job
+
+    async def _idempotent_replay(
+        self, connection: asyncpg.Connection, plan: JobPlan
+    ) -> JobRecord | None:
+        """The job submitted before under this idempotency key, if any (``Conflict`` when its
+        body differs)."""
         job_id = await connection.fetchval(
             "SELECT id FROM jobs WHERE user_id = $1 AND idempotency_key = $2",
             plan.user_id,
             plan.idempotency_key,
         )
+        if job_id is None:
+            return None
         job = await self._fetch_job(connection, job_id)
         assert job is not None
         if job.request_hash != plan.request_hash:

@@ -24,6 +24,7 @@ from ourvidz_serve.pipelines.base import (
     ImageRequest,
     VideoRequest,
 )
+from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
 
 logger = logging.getLogger(__name__)
@@ -138,9 +139,12 @@ class SDXLJobHandler:
 class WanJobHandler:
     """One WAN output per job; enhanced job types get their prompt from the enhancer first."""
 
-    def __init__(self, runner: WanRunnerLike, enhancer: Enhancer) -> None:
+    def __init__(
+        self, runner: WanRunnerLike, enhancer: Enhancer, policy: PromptPolicy | None = None
+    ) -> None:
         self._runner = runner
         self._enhancer = enhancer
+        self._policy = policy
 
     async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
         results: list[JobResult] = []
@@ -159,6 +163,10 @@ class WanJobHandler:
         if spec.enhanced:
             metadata = await self._enhance(prompt, spec)
             prompt = metadata["enhanced_prompt"]
+            if self._policy is not None:
+                # The enhancer writes new text: it passes the same policy as the user's
+                # prompt did, before any generation time is spent on it.
+                await self._policy.check(prompt, field="enhanced_prompt")
         request = VideoRequest(
             prompt=prompt,
             negative_prompt=None,

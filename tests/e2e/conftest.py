@@ -13,6 +13,7 @@ from ourvidz_serve.persistence.database import start_embedded_postgres
 from tests.launcher import RunningService, run_service
 
 API_KEY = "e2e-service-key"
+JWT_SECRET = "e2e-jwt-secret-of-at-least-thirty-two-bytes"
 # Short leases, so a killed replica's jobs come back within seconds; long enough (10 heartbeats)
 # that a live replica on a loaded CI machine does not lose one.
 FAST_RECOVERY = {
@@ -21,12 +22,18 @@ FAST_RECOVERY = {
     "OURVIDZ_HEARTBEAT_INTERVAL_S": "1",
     "OURVIDZ_REAPER_INTERVAL_S": "1",
 }
+# Two ingress replicas, so that limits are shown to hold across them; together they take the
+# CPU share one had, so the second SDXL replica of the autoscaling test still fits in 2 CPUs.
+TWO_INGRESS_REPLICAS = {"Ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.125}}}
 
 
 @pytest.fixture(scope="session")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService]:
     workdir = tmp_path_factory.mktemp("e2e")
-    with run_service(workdir, api_key=API_KEY, extra_env=FAST_RECOVERY) as running:
+    env = FAST_RECOVERY | {"OURVIDZ_JWT_SECRET": JWT_SECRET}
+    with run_service(
+        workdir, api_key=API_KEY, extra_env=env, deployment_overrides=TWO_INGRESS_REPLICAS
+    ) as running:
         yield running
 
 

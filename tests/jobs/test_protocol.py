@@ -50,7 +50,6 @@ def test_accepts_the_seeds_camel_case_payload_with_prompt_in_metadata():
         ({"user_id": "42"}, "valid UUID"),
         ({"metadata": {"blob": "x" * MAX_METADATA_BYTES}}, "metadata is"),
         ({"metadata": "not an object"}, "valid dictionary"),
-        ({"reference_image_url": "https://example.com/a.png"}, "not supported yet"),
         (
             {"reference_image_url": "https://e.com/a.png", "reference_image_key": "a.png"},
             "not both",

@@ -200,3 +200,15 @@ async def test_queued_units_count_images_for_sdxl_and_jobs_for_wan(repository):
     assert await repository.queued_units("sdxl_queue") == 9
     assert await repository.queued_units("wan_queue") == 1
     assert await repository.queued_units("sdxl_queue", max_jobs=1) == 6
+
+
+async def test_concurrent_requests_spend_one_rate_budget_exactly(repository):
+    """Many connections at once, as from several ingress replicas: the burst, not more."""
+    waits = await asyncio.gather(
+        *(repository.take_rate_token("user:concurrent", 0.1, 3) for _ in range(12))
+    )
+    assert sum(wait is None for wait in waits) == 3
+    assert all(wait is None or 0 <= wait <= 30 for wait in waits)
+    later = await repository.take_rate_token("user:concurrent", 0.1, 3)
+    assert later is not None and 9 < later <= 30
+    assert await repository.take_rate_token("user:someone-else", 0.1, 3) is None

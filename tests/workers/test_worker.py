@@ -396,3 +396,45 @@ async def test_a_database_restart_loses_no_job_and_submissions_meanwhile_get_503
     finally:
         server.cleanup()
         shutil.rmtree(pg_dir, ignore_errors=True)
+
+
+class EnhancerThatWritesAForbiddenPrompt:
+    async def enhance(self, requests):
+        from ourvidz_serve.pipelines.base import EnhanceResult
+
+        return [
+            EnhanceResult(f"{r.prompt}, nude, a 13 year old", used_fallback=False) for r in requests
+        ]
+
+
+class CountingRunner:
+    def __init__(self, runner) -> None:
+        self._runner = runner
+        self.calls = 0
+
+    def generate(self, request):
+        self.calls += 1
+        return self._runner.generate(request)
+
+
+async def test_an_enhanced_prompt_the_policy_refuses_fails_the_job_before_any_generation(
+    repository, settings, local_storage, tiny_runners: TinyRunners
+):
+    from ourvidz_serve.security.prompt_policy import PromptPolicy
+    from ourvidz_serve.workers.handlers import WanJobHandler
+
+    job, _ = await repository.insert_job(plan("image7b_fast_enhanced", prompt="a portrait"))
+    runner = CountingRunner(tiny_runners.wan)
+    handler = WanJobHandler(runner, EnhancerThatWritesAForbiddenPrompt(), PromptPolicy())
+    async with worker(
+        repository, local_storage, handler, settings, queue=Queue.WAN.value, units_per_claim=1
+    ):
+        done = await terminal(repository, job.id)
+    assert done.status is JobStatus.FAILED
+    assert done.metadata["error_type"] == "PromptRefused"
+    assert "content policy" in (done.error_message or "")
+    assert "enhanced" in (done.error_message or "")
+    assert "nude" not in (done.error_message or "")
+    assert "generation_time" not in done.metadata
+    assert runner.calls == 0
+    assert all(asset.status is JobStatus.FAILED for asset in done.assets)

@@ -1,0 +1,1 @@
+"""Defences against hostile input: reference URLs, images, prompts. No Ray, no database."""
