@@ -91,6 +91,12 @@ class DatabaseUnavailable(ServiceUnavailable):
     code = "database_unavailable"
 
 
+class ClassifierUnavailable(ServiceUnavailable):
+    """The external prompt classifier failed; the prompt is refused until it answers."""
+
+    code = "prompt_classifier_unavailable"
+
+
 class StorageError(OurVidzError):
     status_code = 502
     code = "storage_error"

@@ -171,8 +171,10 @@ class JobRepository:
             async with self._pool.acquire() as connection:
                 yield connection
         except _UNAVAILABLE_ERRORS as exc:
+            # The detail (hosts, socket paths) is for the operator's log, not for callers.
+            logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
             raise DatabaseUnavailable(
-                f"the database is unavailable: {type(exc).__name__}: {exc}"
+                f"the database is unavailable ({type(exc).__name__}); retry shortly"
             ) from exc
 
     async def ping(self) -> None:

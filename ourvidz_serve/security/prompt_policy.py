@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import logging
 import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, cast
 
-from ourvidz_serve.errors import PromptRefused
+from ourvidz_serve.errors import ClassifierUnavailable, PromptRefused
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ourvidz_serve.settings import Settings
@@ -449,7 +452,14 @@ class PromptPolicy:
             raise _refusal(field, verdict.rule or RULE_CUSTOM)
         if self._classifier is None:
             return
-        reason = await self._classifier.classify(text)
+        try:
+            reason = await self._classifier.classify(text)
+        except Exception as exc:
+            # Fail closed: a prompt nobody could check is not a prompt that passed.
+            logger.warning("prompt classifier failed: %r", exc)
+            raise ClassifierUnavailable(
+                "the prompt classifier is unavailable; retry shortly"
+            ) from exc
         if reason is not None:
             rule = reason if _RULE_NAME.fullmatch(reason) else _CLASSIFIER_RULE
             raise _refusal(field, rule)

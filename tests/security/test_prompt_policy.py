@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from ourvidz_serve.errors import InvalidRequest, PromptRefused
+from ourvidz_serve.errors import ClassifierUnavailable, InvalidRequest, PromptRefused
 from ourvidz_serve.security.prompt_policy import (
     PolicyVerdict,
     PromptClassifier,
@@ -287,6 +287,19 @@ async def test_a_classifier_reason_that_is_not_a_rule_name_is_not_echoed() -> No
         await policy.check("a gore scene")
     assert caught.value.details == {"field": "prompt", "rule": "classifier"}
     assert "gore" not in caught.value.message
+
+
+class BrokenClassifier:
+    async def classify(self, text: str) -> str | None:
+        raise ConnectionError("classifier service down")
+
+
+async def test_a_failing_classifier_refuses_with_503_instead_of_letting_the_prompt_pass() -> None:
+    policy = PromptPolicy(classifier=BrokenClassifier())
+    with pytest.raises(ClassifierUnavailable) as caught:
+        await policy.check("a quiet lake")
+    assert caught.value.status_code == 503
+    assert "down" not in caught.value.message
 
 
 async def test_from_settings_imports_the_classifier_and_reads_the_rules() -> None:

@@ -371,6 +371,8 @@ async def test_a_database_restart_loses_no_job_and_submissions_meanwhile_get_503
                 refused = await http.post("/v1/jobs", json=body | {"job_type": "image_fast"})
                 assert refused.status_code == 503, refused.text
                 assert refused.json()["error"]["code"] == "database_unavailable"
+                # No DSN, host or socket path reaches the caller.
+                assert str(pg_dir) not in refused.text and "postgres" not in refused.text
                 unreadable = await http.get(f"/v1/jobs/{jobs[0]['id']}")
                 assert unreadable.status_code == 503
                 await asyncio.sleep(1.5)
