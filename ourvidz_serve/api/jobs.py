@@ -67,3 +67,21 @@ async def list_jobs(
     return await state.jobs.list(
         principal, user_id=user_id, status=status, job_type=job_type, limit=limit, cursor=cursor
     )
+
+
+@router.delete(
+    "/{job_id}",
+    response_model=JobResource,
+    responses={**AUTHENTICATED_ERRORS, **error_responses(404, 409, 422)},
+)
+async def cancel_job(
+    job_id: UUID,
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> JobResource:
+    """Cancel a queued job at once, or a running one at its next denoising step.
+
+    Its asset rows end ``cancelled`` at once; a job that has already completed or failed
+    answers 409; cancelling twice answers the cancelled job again.
+    """
+    return await state.jobs.cancel(job_id, principal)

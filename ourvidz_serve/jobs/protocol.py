@@ -49,6 +49,7 @@ RESERVED_METADATA_KEYS = frozenset(
         "original_prompt", "enhanced_prompt", "enhancement_fallback",
         "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
         "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
+        "stopped_at_step", "total_steps",
     }
 )  # fmt: skip
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
@@ -174,6 +175,12 @@ class AssetResource(BaseModel):
     completed_at: datetime | None
 
 
+class JobProgress(BaseModel):
+    step: int
+    total: int
+    at: datetime
+
+
 class JobResource(BaseModel):
     id: UUID
     user_id: UUID
@@ -192,6 +199,9 @@ class JobResource(BaseModel):
     started_at: datetime | None
     completed_at: datetime | None
     error_message: str | None
+    progress: JobProgress | None = Field(
+        None, description="The latest denoising step its worker recorded while it ran"
+    )
     assets: list[AssetResource]
 
 

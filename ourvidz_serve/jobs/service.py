@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from uuid import UUID
 
-from ourvidz_serve.errors import Forbidden, InvalidRequest, NotFound
+from ourvidz_serve.errors import Conflict, Forbidden, InvalidRequest, NotFound
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.principal import Principal
@@ -83,6 +83,22 @@ class JobService:
             raise NotFound(f"job {job_id} not found")
         return await self.to_resource(job)
 
+    async def cancel(self, job_id: UUID, principal: Principal) -> JobResource:
+        """Cancel a queued or running job (a running one stops at its next step).
+
+        Cancelling a cancelled job answers it again; a completed or failed one is a conflict.
+        """
+        job = await self._repository.get_job(job_id)
+        if job is None or not principal.can_see(job):
+            raise NotFound(f"job {job_id} not found")
+        was = await self._repository.cancel_job(job_id)
+        if was in (JobStatus.COMPLETED, JobStatus.FAILED):
+            raise Conflict(
+                f"job {job_id} has already ended {was.value}",
+                details={"status": was.value},
+            )
+        return await self.get(job_id, principal)
+
     async def list(
         self,
         principal: Principal,
@@ -124,6 +140,7 @@ class JobService:
             started_at=job.started_at,
             completed_at=job.completed_at,
             error_message=job.error_message,
+            progress=job.progress,
             assets=list(assets),
         )
 

@@ -27,6 +27,7 @@ from ourvidz_serve.persistence.queries import load_queries
 logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "ourvidz_jobs_queued"
+CANCEL_CHANNEL = "ourvidz_jobs_cancelled"
 
 # What a lost or unreachable server raises; each becomes DatabaseUnavailable (HTTP 503).
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -90,6 +91,8 @@ class JobRecord:
     started_at: datetime | None
     completed_at: datetime | None
     error_message: str | None
+    progress: dict[str, Any] | None
+    """The latest ``{step, total, at}`` its worker recorded while it ran."""
     assets: list[AssetRecord]
 
     @property
@@ -123,13 +126,17 @@ class ReapedJob:
 _JOB_COLUMNS = """
     id, user_id, job_type, format, quality, model_type, queue, status, metadata, project_id,
     video_id, image_id, attempts, claimed_by, lease_expires_at, units, request_hash,
-    created_at, started_at, completed_at, error_message
+    created_at, started_at, completed_at, error_message, progress
 """
 
 _JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
 
 QUERIES = load_queries(
-    substitutions={"job_columns": _JOB_COLUMNS.strip(), "notify_channel": NOTIFY_CHANNEL}
+    substitutions={
+        "job_columns": _JOB_COLUMNS.strip(),
+        "notify_channel": NOTIFY_CHANNEL,
+        "cancel_channel": CANCEL_CHANNEL,
+    }
 )
 
 _ASSETS_OF_JOBS = """
@@ -469,16 +476,61 @@ class JobRepository:
         async with self._connection() as connection:
             return int(await connection.fetchval(QUERIES["queued_units"], queue, max_jobs))
 
-    async def listen(self, on_queued: Callable[[str], None], retry_s: float = 1.0) -> None:
-        """Call ``on_queued(queue)`` for every submission or requeue, until cancelled.
+    async def cancel_job(self, job_id: UUID) -> JobStatus | None:
+        """End a queued or running job ``cancelled``; return the status it had (None: none).
+
+        A finished job is left as it is (the caller tells ``completed`` and ``failed`` from
+        ``cancelled``, which makes cancelling twice harmless).
+        """
+        async with self._connection() as connection:
+            row = await connection.fetchrow(QUERIES["cancel_job"], job_id)
+        return None if row["was"] is None else JobStatus(row["was"])
+
+    async def record_cancelled_stop(
+        self, job_id: UUID, attempt: int, patch: dict[str, Any]
+    ) -> bool:
+        """Merge where a cancelled attempt's call stopped into the cancelled job's metadata."""
+        async with self._connection() as connection:
+            status = await connection.execute(
+                QUERIES["record_cancelled_stop"], job_id, attempt, patch
+            )
+        return status == "UPDATE 1"
+
+    async def record_progress(self, progress: dict[tuple[UUID, int], tuple[int, int]]) -> None:
+        """``{(job id, attempt): (step, total)}`` as each job's latest progress (fenced)."""
+        if not progress:
+            return
+        keys = list(progress)
+        async with self._connection() as connection:
+            await connection.execute(
+                QUERIES["record_progress"],
+                [job_id for job_id, _ in keys],
+                [attempt for _, attempt in keys],
+                [progress[key][0] for key in keys],
+                [progress[key][1] for key in keys],
+            )
+
+    async def listen(
+        self,
+        on_queued: Callable[[str], None],
+        on_cancelled: Callable[[UUID], None] | None = None,
+        retry_s: float = 1.0,
+    ) -> None:
+        """Call ``on_queued(queue)`` for every submission or requeue, and ``on_cancelled(id)``
+        for every cancelled running job, until cancelled.
 
         Holds one pooled connection for ``LISTEN``; when it is lost (a database restart), it
-        listens again as soon as a connection can be made. Callers still poll, since a
-        notification sent while no listener was connected is gone.
+        listens again as soon as a connection can be made. Callers still poll (and the
+        heartbeat drops cancelled jobs), since a notification sent while no listener was
+        connected is gone.
         """
 
-        def notified(_connection: Any, _pid: int, _channel: str, payload: str) -> None:
-            on_queued(payload)
+        def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
+            if channel == CANCEL_CHANNEL:
+                if on_cancelled is not None:
+                    on_cancelled(UUID(payload))
+            else:
+                on_queued(payload)
 
         while True:
             try:
@@ -492,6 +544,7 @@ class JobRepository:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _connection: lost.set())
             await connection.add_listener(NOTIFY_CHANNEL, notified)
+            await connection.add_listener(CANCEL_CHANNEL, notified)
             try:
                 # Also look every few seconds: a dead socket is not always reported at once.
                 while not connection.is_closed():
@@ -500,6 +553,7 @@ class JobRepository:
             finally:
                 if not connection.is_closed():
                     await connection.remove_listener(NOTIFY_CHANNEL, notified)
+                    await connection.remove_listener(CANCEL_CHANNEL, notified)
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:

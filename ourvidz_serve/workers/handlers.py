@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from uuid import UUID
 
 from ourvidz_serve.catalog import JOB_TYPES, JobTypeSpec, ModelFamily, OutputFormat
 from ourvidz_serve.persistence.repository import JobRecord
@@ -22,6 +23,7 @@ from ourvidz_serve.pipelines.base import (
     EnhanceResult,
     EnhanceTarget,
     ImageRequest,
+    StepCallback,
     VideoRequest,
 )
 from ourvidz_serve.security.prompt_policy import PromptPolicy
@@ -44,8 +46,48 @@ class Generated:
 JobResult = Generated | Exception
 
 
+class JobCancelled(Exception):
+    """A job was cancelled while it ran; its outputs, if any, are not stored."""
+
+    def __init__(self, message: str, step: int | None = None, total: int | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        """The denoising step its call stopped at (None: it never started or ran to the end)."""
+        self.total = total
+
+
+@dataclass(frozen=True)
+class RunControl:
+    """What a running call asks its worker. Both callables are safe to call from the
+    pipeline's thread, at every denoising step."""
+
+    is_cancelled: Callable[[UUID], bool]
+    report_progress: Callable[[UUID, int, int], None]
+
+    def step_callback(self, jobs: Sequence[JobRecord]) -> StepCallback:
+        """Report each step for every job of a call; stop the call once all are cancelled.
+
+        A call shared by several jobs runs on while one of them is still wanted: the
+        cancelled ones' outputs are dropped afterwards, the others' pixels are untouched.
+        """
+        ids = [job.id for job in jobs]
+
+        def on_step(step: int, total: int) -> None:
+            for job_id in ids:
+                self.report_progress(job_id, step, total)
+            if all(self.is_cancelled(job_id) for job_id in ids):
+                raise JobCancelled(f"cancelled at denoising step {step} of {total}", step, total)
+
+        return on_step
+
+
+NO_CONTROL = RunControl(is_cancelled=lambda _job_id: False, report_progress=lambda *_: None)
+
+
 class JobHandler(Protocol):
-    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+    async def run(
+        self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
+    ) -> list[JobResult]:
         """One result per job, in order; raises nothing for a job's own failure."""
         ...
 
@@ -53,11 +95,15 @@ class JobHandler(Protocol):
 class SDXLRunnerLike(Protocol):
     def validate(self, requests: Sequence[ImageRequest]) -> None: ...
 
-    def generate(self, requests: Sequence[ImageRequest]) -> list[EncodedAsset]: ...
+    def generate(
+        self, requests: Sequence[ImageRequest], on_step: StepCallback | None = None
+    ) -> list[EncodedAsset]: ...
 
 
 class WanRunnerLike(Protocol):
-    def generate(self, request: VideoRequest) -> EncodedAsset: ...
+    def generate(
+        self, request: VideoRequest, on_step: StepCallback | None = None
+    ) -> EncodedAsset: ...
 
 
 class Enhancer(Protocol):
@@ -81,10 +127,15 @@ class SDXLJobHandler:
         self._runner = runner
         self._storage = storage
 
-    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+    async def run(
+        self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
+    ) -> list[JobResult]:
         results: list[JobResult | None] = [None] * len(jobs)
         runnable: dict[int, list[ImageRequest]] = {}
         for position, job in enumerate(jobs):
+            if control.is_cancelled(job.id):
+                results[position] = JobCancelled("cancelled before its call started")
+                continue
             try:
                 requests = await self._requests(job)
                 await asyncio.to_thread(self._runner.validate, requests)
@@ -94,9 +145,10 @@ class SDXLJobHandler:
                 runnable[position] = requests
         if runnable:
             flat = [request for requests in runnable.values() for request in requests]
+            on_step = control.step_callback([jobs[position] for position in runnable])
             started = time.monotonic()
             try:
-                outputs = await asyncio.to_thread(self._runner.generate, flat)
+                outputs = await asyncio.to_thread(self._runner.generate, flat, on_step)
             except Exception as exc:  # noqa: BLE001 - a failed call fails each of its jobs
                 for position in runnable:
                     results[position] = exc
@@ -110,6 +162,8 @@ class SDXLJobHandler:
                         generation_time=elapsed,
                         metadata={"pipeline_batch_images": len(flat)},
                     )
+                    if control.is_cancelled(jobs[position].id):
+                        results[position] = JobCancelled("cancelled while its call ran")
                     offset += len(requests)
         return [result for result in results if result is not None]
 
@@ -146,16 +200,18 @@ class WanJobHandler:
         self._enhancer = enhancer
         self._policy = policy
 
-    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+    async def run(
+        self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
+    ) -> list[JobResult]:
         results: list[JobResult] = []
         for job in jobs:
             try:
-                results.append(await self._run_one(job))
+                results.append(await self._run_one(job, control))
             except Exception as exc:  # noqa: BLE001 - the exception is this job's outcome
                 results.append(exc)
         return results
 
-    async def _run_one(self, job: JobRecord) -> Generated:
+    async def _run_one(self, job: JobRecord, control: RunControl) -> Generated:
         spec = JOB_TYPES[job.job_type]
         meta = job.metadata
         prompt = job.prompt
@@ -178,8 +234,12 @@ class WanJobHandler:
             num_frames=int(meta["frame_num"]),
             fps=int(meta.get("fps", 16)),
         )
+        if control.is_cancelled(job.id):
+            raise JobCancelled("cancelled before generation started")
         started = time.monotonic()
-        output = await asyncio.to_thread(self._runner.generate, request)
+        output = await asyncio.to_thread(
+            self._runner.generate, request, control.step_callback([job])
+        )
         return Generated([output], prompt, time.monotonic() - started, metadata)
 
     async def _enhance(self, prompt: str, spec: JobTypeSpec) -> dict[str, Any]:

@@ -37,7 +37,7 @@ WITH head AS (
      WHERE running_units <= $2
 ), claimed AS (
     UPDATE jobs
-       SET status = 'processing', attempts = attempts + 1, claimed_by = $3,
+       SET status = 'processing', attempts = attempts + 1, claimed_by = $3, progress = NULL,
            started_at = clock_timestamp(), updated_at = clock_timestamp(),
            lease_expires_at = clock_timestamp() + make_interval(secs => $4)
      WHERE id IN (SELECT id FROM chosen)

@@ -6,11 +6,20 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from pydantic import SecretStr
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.settings import Settings
 from tests.conftest import TEST_API_KEY
 from tests.inprocess import InProcessModels, TinyRunners, running_workers
+
+JWT_SECRET = "a-jwt-secret-of-at-least-32-bytes-for-tests"
+
+
+@pytest.fixture
+def secure_settings(settings: Settings) -> Settings:
+    """Settings that also accept user tokens signed with ``JWT_SECRET``."""
+    return settings.model_copy(update={"jwt_secret": SecretStr(JWT_SECRET)})
 
 
 @pytest.fixture(scope="session")

@@ -17,17 +17,16 @@ import httpx
 import jwt
 import pytest
 from PIL import Image
-from pydantic import SecretStr
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.settings import Settings
+from tests.api.conftest import JWT_SECRET
 from tests.api.test_jobs_http import USER, assert_error, job, row_counts
 from tests.conftest import TEST_API_KEY
 from tests.inprocess import InProcessModels, TinyRunners, running_workers
 from tests.support.loopback_http import loopback_origin, png_bytes
 
-JWT_SECRET = "a-jwt-secret-of-at-least-32-bytes-for-tests"
 SERVICE = {"Authorization": f"Bearer {TEST_API_KEY}"}
 
 
@@ -48,11 +47,6 @@ async def serving(settings: Settings, models: InProcessModels) -> AsyncIterator[
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as http:
             yield http
-
-
-@pytest.fixture
-def secure_settings(settings: Settings) -> Settings:
-    return settings.model_copy(update={"jwt_secret": SecretStr(JWT_SECRET)})
 
 
 @pytest.fixture

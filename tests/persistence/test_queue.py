@@ -191,3 +191,64 @@ async def test_a_requeue_wakes_listeners_with_the_queue_name(repository: JobRepo
     finally:
         listening.cancel()
         await asyncio.gather(listening, return_exceptions=True)
+
+
+async def test_cancel_ends_queued_and_running_jobs_and_tells_the_holder(repository, pool):
+    queued, _ = await repository.insert_job(plan(num_images=3))
+    running, _ = await repository.insert_job(plan("video_fast"))
+    [claimed] = await repository.claim_jobs("wan_queue", 1, "w", LEASE_S)
+    queued_heard: list[str] = []
+    cancelled_heard: list[UUID] = []
+    listening = asyncio.create_task(repository.listen(queued_heard.append, cancelled_heard.append))
+    try:
+        await asyncio.sleep(0.3)
+        assert await repository.cancel_job(queued.id) is JobStatus.QUEUED
+        assert await repository.cancel_job(claimed.id) is JobStatus.PROCESSING
+        for _ in range(50):
+            if cancelled_heard:
+                break
+            await asyncio.sleep(0.05)
+        assert cancelled_heard == [running.id], "only a running job's holder is told"
+    finally:
+        listening.cancel()
+        await asyncio.gather(listening, return_exceptions=True)
+    for job_id in (queued.id, running.id):
+        job = await repository.get_job(job_id)
+        assert job is not None and job.status is JobStatus.CANCELLED
+        assert job.completed_at is not None and job.lease_expires_at is None
+        assert {asset.status for asset in job.assets} == {JobStatus.CANCELLED}
+    # The holder's lease and outcome are fenced out; cancelling again changes nothing.
+    assert await repository.heartbeat({claimed.id: claimed.attempts}, LEASE_S) == set()
+    assert not await repository.complete_job(
+        claimed.id, claimed.attempts, {}, completions(claimed, "late")
+    )
+    assert await repository.cancel_job(running.id) is JobStatus.CANCELLED
+    assert await repository.cancel_job(UUID(int=0)) is None
+
+
+async def test_a_finished_job_is_left_as_it_is(repository):
+    await repository.insert_job(plan())
+    [claimed] = await repository.claim_jobs("sdxl_queue", 6, "w", LEASE_S)
+    assert await repository.complete_job(
+        claimed.id, claimed.attempts, {}, completions(claimed, "k")
+    )
+    assert await repository.cancel_job(claimed.id) is JobStatus.COMPLETED
+    done = await repository.get_job(claimed.id)
+    assert done is not None and done.status is JobStatus.COMPLETED
+
+
+async def test_progress_is_recorded_for_the_current_attempt_only(repository, pool):
+    await repository.insert_job(plan("video_fast"))
+    [claimed] = await repository.claim_jobs("wan_queue", 1, "w", LEASE_S)
+    await repository.record_progress({(claimed.id, claimed.attempts): (4, 25)})
+    job = await repository.get_job(claimed.id)
+    assert job is not None and job.progress is not None
+    assert (job.progress["step"], job.progress["total"]) == (4, 25)
+    await repository.record_progress({(claimed.id, claimed.attempts + 1): (9, 25)})  # a stranger
+    await expire_lease(pool, claimed.id)
+    await repository.reap_expired_leases(3)
+    [again] = await repository.claim_jobs("wan_queue", 1, "w2", LEASE_S)
+    assert again.progress is None, "a new attempt starts with no progress"
+    await repository.record_progress({(claimed.id, claimed.attempts): (20, 25)})  # stale attempt
+    current = await repository.get_job(claimed.id)
+    assert current is not None and current.progress is None

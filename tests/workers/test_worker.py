@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import shutil
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +20,9 @@ from uuid import UUID
 
 import asyncpg
 import httpx
+import numpy as np
 import pytest
+from PIL import Image
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.catalog import Queue
@@ -28,11 +32,17 @@ from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.protocol import JobRequest
 from ourvidz_serve.persistence.database import start_embedded_postgres
 from ourvidz_serve.persistence.repository import JobRecord, JobRepository
-from ourvidz_serve.pipelines.base import EncodedAsset
+from ourvidz_serve.pipelines.base import EncodedAsset, ImageRequest
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.storage.local import LocalStorage
-from ourvidz_serve.workers.handlers import Generated, JobHandler, JobResult, SDXLJobHandler
+from ourvidz_serve.workers.handlers import (
+    Generated,
+    JobHandler,
+    JobResult,
+    SDXLJobHandler,
+    WanJobHandler,
+)
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 from tests.conftest import TEST_API_KEY
 from tests.inprocess import InProcessModels, TinyRunners, running_workers
@@ -99,7 +109,7 @@ class HeldHandler:
         self.release = asyncio.Event()
         self._payload = payload
 
-    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+    async def run(self, jobs: Sequence[JobRecord], control: Any = None) -> list[JobResult]:
         await self.claimed.put(list(jobs))
         await self.release.wait()
         return [
@@ -187,7 +197,7 @@ async def test_jobs_arriving_during_a_call_wait_and_share_the_next_call(
 
 
 class BrokenHandler:
-    async def run(self, jobs: Sequence[JobRecord]) -> list[JobResult]:
+    async def run(self, jobs: Sequence[JobRecord], control: Any = None) -> list[JobResult]:
         raise RuntimeError("handler bug")
 
 
@@ -440,3 +450,143 @@ async def test_an_enhanced_prompt_the_policy_refuses_fails_the_job_before_any_ge
     assert "generation_time" not in done.metadata
     assert runner.calls == 0
     assert all(asset.status is JobStatus.FAILED for asset in done.assets)
+
+
+class PausingRunner:
+    """A real runner whose call waits at one denoising step until the test resumes it."""
+
+    def __init__(self, runner: Any, pause_at: int) -> None:
+        self._runner = runner
+        self._pause_at = pause_at
+        self.reached = threading.Event()
+        self.resume = threading.Event()
+        self.steps: list[tuple[int, int]] = []
+
+    def validate(self, requests: Any) -> None:
+        self._runner.validate(requests)
+
+    def generate(self, request: Any, on_step: Any = None) -> Any:
+        def step(done: int, total: int) -> None:
+            self.steps.append((done, total))
+            if done == self._pause_at and not self.reached.is_set():
+                self.reached.set()
+                assert self.resume.wait(30), "the test never resumed the call"
+            if on_step is not None:
+                on_step(done, total)
+
+        return self._runner.generate(request, step)
+
+
+async def paused(runner: PausingRunner) -> None:
+    assert await asyncio.to_thread(runner.reached.wait, 60), "the call never reached the step"
+
+
+async def test_cancelling_a_running_video_stops_it_at_the_next_step_and_the_worker_goes_on(
+    repository, settings, local_storage, tiny_runners: TinyRunners
+):
+    job, _ = await repository.insert_job(plan("video_fast", prompt="a train at night"))
+    runner = PausingRunner(tiny_runners.wan, pause_at=3)
+    handler = WanJobHandler(runner, InProcessModels(tiny_runners.enhancer))
+    wan = {"queue": Queue.WAN.value, "units_per_claim": 1}
+    async with worker(repository, local_storage, handler, settings, **wan) as w:
+        await paused(runner)
+        await asyncio.sleep(0.6)  # a progress flush records the step it reached
+        running = await repository.get_job(job.id)
+        assert running is not None and running.progress is not None
+        # The pause holds step 3 back from the worker: step 2 is the latest it heard of.
+        assert running.progress["step"] == 2 and running.progress["total"] == 25
+        assert await repository.cancel_job(job.id) is JobStatus.PROCESSING
+        # The heartbeat (5 s) has not run: only the NOTIFY can have told the worker.
+        await eventually(lambda: _true(job.id in w._cancelled), 5, "the worker told")
+        runner.resume.set()
+        await eventually(lambda: _true(not w.held_jobs()), 30, "the call stopped")
+        assert max(done for done, _ in runner.steps) == 3, "stopped at the next step boundary"
+        cancelled = await repository.get_job(job.id)
+        assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+        assert [a.status for a in cancelled.assets] == [JobStatus.CANCELLED]
+        assert not local_storage.path_for(
+            cancelled.assets[0].bucket, cancelled.assets[0].path
+        ).exists()
+        # Where the call stopped is kept (the worker records it once the call has ended).
+        await eventually(lambda: _has_stop(repository, job.id), 10, "the stop recorded on the job")
+        stopped = await repository.get_job(job.id)
+        assert stopped is not None
+        assert (stopped.metadata["stopped_at_step"], stopped.metadata["total_steps"]) == (3, 25)
+        # The replica is free again: the next job runs to the end.
+        following, _ = await repository.insert_job(plan("image_fast", prompt="a quiet harbour"))
+        done = await terminal(repository, following.id)
+    assert done.status is JobStatus.COMPLETED, done.error_message
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _has_stop(repository: JobRepository, job_id: UUID) -> bool:
+    job = await repository.get_job(job_id)
+    return job is not None and "stopped_at_step" in job.metadata
+
+
+async def test_cancelling_one_job_of_a_shared_sdxl_call_keeps_its_batch_mate_exact(
+    repository, settings, local_storage, tiny_runners: TinyRunners
+):
+    kept, _ = await repository.insert_job(plan(num_images=1, seed=7))
+    dropped, _ = await repository.insert_job(plan(num_images=1, seed=9))
+    runner = PausingRunner(tiny_runners.sdxl, pause_at=2)
+    handler = SDXLJobHandler(runner, local_storage)
+    async with worker(repository, local_storage, handler, settings) as w:
+        await paused(runner)
+        assert set(w.held_jobs()) == {kept.id, dropped.id}, "both jobs share the call"
+        assert await repository.cancel_job(dropped.id) is JobStatus.PROCESSING
+        gone = await repository.get_job(dropped.id)
+        assert gone is not None and gone.status is JobStatus.CANCELLED  # at once
+        await eventually(lambda: _true(dropped.id in w._cancelled), 5, "the worker told")
+        runner.resume.set()
+        done = await terminal(repository, kept.id)
+    steps = [done_steps for done_steps, _ in runner.steps]
+    assert max(steps) == runner.steps[0][1], "the call ran on for the job still wanted"
+    assert done.status is JobStatus.COMPLETED
+    after = await repository.get_job(dropped.id)
+    assert after is not None and after.status is JobStatus.CANCELLED
+    assert [a.status for a in after.assets] == [JobStatus.CANCELLED]
+    assert not local_storage.path_for(after.assets[0].bucket, after.assets[0].path).exists()
+    stored = local_storage.path_for(done.assets[0].bucket, done.assets[0].path).read_bytes()
+    [alone] = tiny_runners.sdxl.generate(
+        [
+            ImageRequest(
+                prompt=done.prompt,
+                negative_prompt=done.metadata["negative_prompt"],
+                seed=7,
+                steps=int(done.metadata["steps"]),
+                guidance_scale=float(done.metadata["guidance_scale"]),
+                width=int(done.metadata["width"]),
+                height=int(done.metadata["height"]),
+            )
+        ]
+    )
+    difference = np.abs(png_pixels(stored) - png_pixels(alone.data)).max()
+    assert int(difference) <= 2
+
+
+async def test_an_sdxl_call_whose_every_job_is_cancelled_stops_at_the_next_step(
+    repository, settings, local_storage, tiny_runners: TinyRunners
+):
+    job, _ = await repository.insert_job(plan(num_images=3))
+    runner = PausingRunner(tiny_runners.sdxl, pause_at=2)
+    async with worker(
+        repository, local_storage, SDXLJobHandler(runner, local_storage), settings
+    ) as w:
+        await paused(runner)
+        await repository.cancel_job(job.id)
+        await eventually(lambda: _true(job.id in w._cancelled), 5, "the worker told")
+        runner.resume.set()
+        await eventually(lambda: _true(not w.held_jobs()), 30, "the call stopped")
+    assert max(done for done, _ in runner.steps) == 2
+    cancelled = await repository.get_job(job.id)
+    assert cancelled is not None and cancelled.status is JobStatus.CANCELLED
+    assert [a.status for a in cancelled.assets] == [JobStatus.CANCELLED] * 3
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.int16)

@@ -1,0 +1,49 @@
+-- Job control: cancellation and progress. Loaded by ourvidz_serve.persistence.queries; the
+-- repository is the only code that runs them.
+
+-- name: cancel_job
+-- A queued or running job and its unfinished asset rows end 'cancelled' at once; for a
+-- running one, the worker holding it is told through NOTIFY (and its next heartbeat no longer
+-- holds it), and its own outcome is fenced out since the job is no longer 'processing'.
+-- Returns the status the job had (NULL: no such job).
+-- $1 job id.
+WITH target AS (
+    SELECT id, status FROM jobs WHERE id = $1 FOR UPDATE
+), cancelled AS (
+    UPDATE jobs
+       SET status = 'cancelled', lease_expires_at = NULL, completed_at = clock_timestamp(),
+           updated_at = clock_timestamp()
+      FROM target
+     WHERE jobs.id = target.id AND target.status IN ('queued', 'processing')
+    RETURNING jobs.id, target.status AS was
+), image_rows AS (
+    UPDATE images
+       SET status = 'cancelled', updated_at = clock_timestamp()
+      FROM cancelled
+     WHERE images.job_id = cancelled.id AND images.status IN ('queued', 'processing')
+), video_rows AS (
+    UPDATE videos
+       SET status = 'cancelled', updated_at = clock_timestamp()
+      FROM cancelled
+     WHERE videos.job_id = cancelled.id AND videos.status IN ('queued', 'processing')
+), told AS (
+    SELECT pg_notify('{cancel_channel}', id::text) FROM cancelled WHERE was = 'processing'
+)
+SELECT (SELECT status FROM target) AS was, (SELECT count(*) FROM told) AS told
+
+-- name: record_progress
+-- The latest step of each running job, fenced by attempt. One statement for every job a
+-- worker runs, so a batch's progress costs one round trip per flush.
+-- $1 job ids, $2 attempts, $3 steps, $4 totals.
+UPDATE jobs
+   SET progress = jsonb_build_object('step', p.step, 'total', p.total, 'at', clock_timestamp())
+  FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS p(id, attempt, step, total)
+ WHERE jobs.id = p.id AND jobs.attempts = p.attempt AND jobs.status = 'processing'
+
+-- name: record_cancelled_stop
+-- Where the cancelled attempt's pipeline call stopped, kept in the job's metadata (fenced by
+-- the attempt that ran: a re-run's job is never touched).
+-- $1 job id, $2 attempt, $3 metadata patch.
+UPDATE jobs
+   SET metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
+ WHERE id = $1 AND attempts = $2 AND status = 'cancelled'

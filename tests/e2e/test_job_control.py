@@ -1,0 +1,66 @@
+"""Cancellation through Ray Serve: a queued job at once, a running WAN video at its next
+denoising step (and the replica goes on with the next job), a finished job is a conflict."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+import pytest
+
+from tests.e2e.test_serve_lifecycle import finished, submit
+
+pytestmark = pytest.mark.e2e
+
+
+async def wait_for_progress(http: httpx.AsyncClient, job_id: str, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        body = (await http.get(f"/v1/jobs/{job_id}")).json()
+        if body["status"] == "processing" and (body["progress"] or {}).get("step", 0) >= 1:
+            return body
+        assert body["status"] in ("queued", "processing"), body
+        assert time.monotonic() < deadline, body
+        await asyncio.sleep(0.05)
+
+
+async def test_cancelling_queued_running_and_finished_jobs(http: httpx.AsyncClient):
+    running = await submit(http, job_type="video_high", frame_num=121)
+    following = await submit(http, job_type="image_fast")
+    waiting = await submit(http, job_type="video_fast")
+
+    seen = await wait_for_progress(http, running["id"])
+    assert seen["progress"]["total"] == 50
+
+    # Queued behind the running video: cancelled at once, rows included.
+    response = await http.delete(f"/v1/jobs/{waiting['id']}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+    assert [asset["status"] for asset in response.json()["assets"]] == ["cancelled"]
+
+    # Running: its rows end cancelled at once; the replica stops it at the next step.
+    response = await http.delete(f"/v1/jobs/{running['id']}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+
+    # The replica takes the next job and finishes it.
+    done = await finished(http, following["id"])
+    assert done["status"] == "completed", done
+
+    deadline = time.monotonic() + 30
+    while (
+        "stopped_at_step"
+        not in (stopped := (await http.get(f"/v1/jobs/{running['id']}")).json())["metadata"]
+    ):
+        assert time.monotonic() < deadline, stopped
+        await asyncio.sleep(0.1)
+    assert stopped["status"] == "cancelled"
+    assert stopped["metadata"]["total_steps"] == 50
+    assert stopped["metadata"]["stopped_at_step"] < 50, "it stopped before its last step"
+    assert [asset["url"] for asset in stopped["assets"]] == [None]
+
+    conflict = await http.delete(f"/v1/jobs/{following['id']}")
+    assert conflict.status_code == 409
+    assert conflict.json()["error"]["code"] == "conflict"
+    assert (await http.delete(f"/v1/jobs/{waiting['id']}")).status_code == 200
