@@ -543,17 +543,23 @@ class JobRepository:
         async with self._connection() as connection:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _connection: lost.set())
-            await connection.add_listener(NOTIFY_CHANNEL, notified)
-            await connection.add_listener(CANCEL_CHANNEL, notified)
-            try:
+            async with contextlib.AsyncExitStack() as listeners:
+                for channel in (NOTIFY_CHANNEL, CANCEL_CHANNEL):
+                    await connection.add_listener(channel, notified)
+                    # Each removed even if removing the other was interrupted: a connection
+                    # goes back to the pool with no listener left on it.
+                    listeners.push_async_callback(_unlisten, connection, channel, notified)
                 # Also look every few seconds: a dead socket is not always reported at once.
                 while not connection.is_closed():
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=5)
-            finally:
-                if not connection.is_closed():
-                    await connection.remove_listener(NOTIFY_CHANNEL, notified)
-                    await connection.remove_listener(CANCEL_CHANNEL, notified)
+
+
+async def _unlisten(
+    connection: asyncpg.Connection, channel: str, notified: Callable[[Any, int, str, str], None]
+) -> None:
+    if not connection.is_closed():
+        await connection.remove_listener(channel, notified)
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:
