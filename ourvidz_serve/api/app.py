@@ -19,6 +19,7 @@ from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.state import AppState
+from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
@@ -67,12 +68,16 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             per_user_per_s=settings.rate_limit_per_user_per_s,
             per_user_burst=settings.rate_limit_per_user_burst,
         )
+        events = JobEventHub(repository)
+        hub = asyncio.create_task(events.run(), name="job-events")
+        stack.push_async_callback(_cancelled, hub)
         jobs = JobService(
             repository,
             storage,
             references=references,
             policy=PromptPolicy.from_settings(settings),
             limiter=limiter,
+            events=events,
             max_queued_jobs=settings.max_queued_jobs_per_user,
             queued_jobs_retry_after_s=settings.queued_jobs_retry_after_s,
         )

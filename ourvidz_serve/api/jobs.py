@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import Annotated
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from ourvidz_serve.api.dependencies import get_state, require_principal
 from ourvidz_serve.api.errors import AUTHENTICATED_ERRORS, error_responses
@@ -85,3 +87,39 @@ async def cancel_job(
     answers 409; cancelling twice answers the cancelled job again.
     """
     return await state.jobs.cancel(job_id, principal)
+
+
+async def visible_job(
+    job_id: UUID,
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> JobResource:
+    """The job if the caller may see it; 404 before any stream starts otherwise."""
+    return await state.jobs.get(job_id, principal)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"description": "Server-Sent Events: status, progress, asset; ends at the end"},
+        **AUTHENTICATED_ERRORS,
+        **error_responses(404, 422),
+    },
+)
+async def job_events(
+    job: Annotated[JobResource, Depends(visible_job)],
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's events as they happen, whichever replica runs it or serves this stream.
+
+    Every stream, a reconnection with ``Last-Event-ID`` included, starts with the job's
+    current state (``status``, the latest ``progress``, stored ``asset`` URLs); it ends
+    after the terminal ``status``. Idle streams get keep-alive comments.
+    """
+    sequence = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+    async for kind, data in state.jobs.events(job.id, principal):
+        sequence += 1
+        yield ServerSentEvent(event=kind, data=data, id=str(sequence))

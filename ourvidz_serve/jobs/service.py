@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
 from uuid import UUID
 
 from ourvidz_serve.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.principal import Principal
@@ -21,6 +24,8 @@ from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRec
 from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.storage import Storage
 
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+EVENTS_RECHECK_S = 5.0
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 255
 
@@ -34,6 +39,7 @@ class JobService:
         references: ReferenceService,
         policy: PromptPolicy,
         limiter: RateLimiter,
+        events: JobEventHub,
         max_queued_jobs: int = 0,
         queued_jobs_retry_after_s: float = 15.0,
     ) -> None:
@@ -42,6 +48,7 @@ class JobService:
         self._references = references
         self._policy = policy
         self._limiter = limiter
+        self._events = events
         self._max_queued_jobs = max_queued_jobs
         self._queued_jobs_retry_after_s = queued_jobs_retry_after_s
 
@@ -98,6 +105,55 @@ class JobService:
                 details={"status": was.value},
             )
         return await self.get(job_id, principal)
+
+    async def events(
+        self, job_id: UUID, principal: Principal
+    ) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """``(event, data)`` of a job: its current state first, then each change, until it
+        ends. ``status`` on every change, ``progress`` ``{step, total}``, ``asset``
+        ``{index, url}`` as each file is stored; the last is the terminal ``status``.
+
+        Events are notifications, and one sent while this replica's listener was reconnecting
+        is gone; so a stream with nothing new for ``EVENTS_RECHECK_S`` reads the job again.
+        """
+        async with self._events.subscribe(job_id) as queue:
+            # Subscribed before reading, so no change between the two is missed.
+            job = await self.get(job_id, principal)
+            last_status = job.status
+            if job.status not in TERMINAL_STATUSES:
+                yield "status", {"status": job.status.value}
+                if job.progress is not None and job.status is JobStatus.PROCESSING:
+                    yield "progress", {"step": job.progress.step, "total": job.progress.total}
+            sent_assets: set[int] = set()
+            while job.status not in TERMINAL_STATUSES:
+                try:
+                    event = await asyncio.wait_for(queue.get(), EVENTS_RECHECK_S)
+                except TimeoutError:
+                    job = await self.get(job_id, principal)
+                    if job.status is not last_status and job.status not in TERMINAL_STATUSES:
+                        last_status = job.status
+                        yield "status", {"status": job.status.value}
+                    continue
+                kind = event.get("type")
+                if kind == "status":
+                    status = JobStatus(event["status"])
+                    if status in TERMINAL_STATUSES:
+                        job = await self.get(job_id, principal)
+                    elif status is not last_status:
+                        last_status = status
+                        yield "status", {"status": status.value}
+                elif kind == "progress":
+                    yield "progress", {"step": event["step"], "total": event["total"]}
+                elif kind == "asset":
+                    url = await self._storage.signed_url(event["bucket"], event["path"])
+                    sent_assets.add(int(event["index"]))
+                    yield "asset", {"index": event["index"], "url": url}
+            # The end: any stored file not announced yet (a late subscriber: all), then the
+            # terminal status.
+            for asset in job.assets:
+                if asset.url is not None and asset.index not in sent_assets:
+                    yield "asset", {"index": asset.index, "url": asset.url}
+            yield "status", {"status": job.status.value}
 
     async def list(
         self,

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "ourvidz_jobs_queued"
 CANCEL_CHANNEL = "ourvidz_jobs_cancelled"
+EVENTS_CHANNEL = "ourvidz_job_events"
+"""JSON events of running jobs (status, progress, asset) for the SSE streams."""
 
 # What a lost or unreachable server raises; each becomes DatabaseUnavailable (HTTP 503).
 _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
@@ -136,6 +138,7 @@ QUERIES = load_queries(
         "job_columns": _JOB_COLUMNS.strip(),
         "notify_channel": NOTIFY_CHANNEL,
         "cancel_channel": CANCEL_CHANNEL,
+        "events_channel": EVENTS_CHANNEL,
     }
 )
 
@@ -510,6 +513,15 @@ class JobRepository:
                 [progress[key][1] for key in keys],
             )
 
+    async def publish_asset_stored(
+        self, job_id: UUID, attempt: int, index: int, bucket: str, path: str
+    ) -> None:
+        """Tell SSE subscribers that one file of a running attempt is stored."""
+        async with self._connection() as connection:
+            await connection.execute(
+                QUERIES["publish_asset_stored"], job_id, attempt, index, bucket, path
+            )
+
     async def listen(
         self,
         on_queued: Callable[[str], None],
@@ -519,38 +531,48 @@ class JobRepository:
         """Call ``on_queued(queue)`` for every submission or requeue, and ``on_cancelled(id)``
         for every cancelled running job, until cancelled.
 
-        Holds one pooled connection for ``LISTEN``; when it is lost (a database restart), it
-        listens again as soon as a connection can be made. Callers still poll (and the
-        heartbeat drops cancelled jobs), since a notification sent while no listener was
-        connected is gone.
+        Callers still poll (and the heartbeat drops cancelled jobs), since a notification
+        sent while no listener was connected is gone.
         """
+        handlers: dict[str, Callable[[str], None]] = {NOTIFY_CHANNEL: on_queued}
+        if on_cancelled is not None:
+            handlers[CANCEL_CHANNEL] = lambda payload: on_cancelled(UUID(payload))
+        await self._listen(handlers, retry_s)
+
+    async def listen_events(self, on_event: Callable[[str], None], retry_s: float = 1.0) -> None:
+        """Call ``on_event(json)`` for every job event (see ``EVENTS_CHANNEL``), until
+        cancelled. Events sent while the connection was lost are gone: subscribers read the
+        job's current state when they start."""
+        await self._listen({EVENTS_CHANNEL: on_event}, retry_s)
+
+    async def _listen(self, handlers: dict[str, Callable[[str], None]], retry_s: float) -> None:
+        """Hold one pooled connection for ``LISTEN`` on the channels; when it is lost (a
+        database restart), listen again as soon as a connection can be made."""
 
         def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
-            if channel == CANCEL_CHANNEL:
-                if on_cancelled is not None:
-                    on_cancelled(UUID(payload))
-            else:
-                on_queued(payload)
+            handlers[channel](payload)
 
         while True:
             try:
-                await self._listen_until_lost(notified)
+                await self._listen_until_lost(list(handlers), notified)
             except DatabaseUnavailable as exc:
                 logger.warning("LISTEN lost (%s); listening again in %.1fs", exc, retry_s)
             await asyncio.sleep(retry_s)
 
-    async def _listen_until_lost(self, notified: Callable[[Any, int, str, str], None]) -> None:
+    async def _listen_until_lost(
+        self, channels: list[str], notified: Callable[[Any, int, str, str], None]
+    ) -> None:
         async with self._connection() as connection:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _connection: lost.set())
             async with contextlib.AsyncExitStack() as listeners:
-                for channel in (NOTIFY_CHANNEL, CANCEL_CHANNEL):
+                for channel in channels:
                     await connection.add_listener(channel, notified)
-                    # Each removed even if removing the other was interrupted: a connection
+                    # Each removed even if removing another was interrupted: a connection
                     # goes back to the pool with no listener left on it.
                     listeners.push_async_callback(_unlisten, connection, channel, notified)
                 # Also look every few seconds: a dead socket is not always reported at once.
-                while not connection.is_closed():
+                while not _closed(connection):
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(lost.wait(), timeout=5)
 
@@ -558,8 +580,16 @@ class JobRepository:
 async def _unlisten(
     connection: asyncpg.Connection, channel: str, notified: Callable[[Any, int, str, str], None]
 ) -> None:
-    if not connection.is_closed():
+    if not _closed(connection):
         await connection.remove_listener(channel, notified)
+
+
+def _closed(connection: asyncpg.Connection) -> bool:
+    """Closed, or already taken back by the pool (which it does when the server goes away)."""
+    try:
+        return bool(connection.is_closed())
+    except asyncpg.InterfaceError:
+        return True
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:

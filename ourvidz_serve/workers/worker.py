@@ -31,7 +31,13 @@ from tenacity.stop import StopBaseT
 
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
-from ourvidz_serve.persistence.repository import AssetCompletion, JobRecord, JobRepository
+from ourvidz_serve.persistence.repository import (
+    AssetCompletion,
+    AssetRecord,
+    JobRecord,
+    JobRepository,
+)
+from ourvidz_serve.pipelines.base import EncodedAsset
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage
 from ourvidz_serve.workers.handlers import (
@@ -303,9 +309,7 @@ class QueueWorker:
             # A file that cannot be stored cancels the other uploads: the job fails whole.
             async with asyncio.TaskGroup() as uploads:
                 for asset, output in zip(job.assets, generated.outputs, strict=True):
-                    uploads.create_task(
-                        self._put(asset.bucket, asset.path, output.data, output.mime_type)
-                    )
+                    uploads.create_task(self._store_asset(job, asset, output))
         except* StorageError as errors:
             error = errors.exceptions[0]
             failure = error if isinstance(error, StorageError) else StorageError(str(error))
@@ -372,6 +376,16 @@ class QueueWorker:
                 job.id,
                 job.attempts,
             )
+
+    async def _store_asset(self, job: JobRecord, asset: AssetRecord, output: EncodedAsset) -> None:
+        """Store one file, then tell SSE subscribers (a lost event is not worth a failure)."""
+        await self._put(asset.bucket, asset.path, output.data, output.mime_type)
+        try:
+            await self._repository.publish_asset_stored(
+                job.id, job.attempts, asset.index, asset.bucket, asset.path
+            )
+        except DatabaseUnavailable as exc:
+            logger.warning("asset event of job %s not sent: %s", job.id, exc.message)
 
     async def _put(self, bucket: str, key: str, data: bytes, content_type: str) -> None:
         async for attempt in _retrying(

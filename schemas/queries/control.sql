@@ -28,17 +28,31 @@ WITH target AS (
      WHERE videos.job_id = cancelled.id AND videos.status IN ('queued', 'processing')
 ), told AS (
     SELECT pg_notify('{cancel_channel}', id::text) FROM cancelled WHERE was = 'processing'
+), events AS (
+    SELECT pg_notify('{events_channel}',
+                     json_build_object('job', id, 'type', 'status', 'status', 'cancelled')::text)
+      FROM cancelled
 )
-SELECT (SELECT status FROM target) AS was, (SELECT count(*) FROM told) AS told
+SELECT (SELECT status FROM target) AS was,
+       (SELECT count(*) FROM told) + (SELECT count(*) FROM events) AS told
 
 -- name: record_progress
 -- The latest step of each running job, fenced by attempt. One statement for every job a
 -- worker runs, so a batch's progress costs one round trip per flush.
+-- Each recorded step is also an SSE 'progress' event.
 -- $1 job ids, $2 attempts, $3 steps, $4 totals.
-UPDATE jobs
-   SET progress = jsonb_build_object('step', p.step, 'total', p.total, 'at', clock_timestamp())
-  FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS p(id, attempt, step, total)
- WHERE jobs.id = p.id AND jobs.attempts = p.attempt AND jobs.status = 'processing'
+WITH recorded AS (
+    UPDATE jobs
+       SET progress = jsonb_build_object('step', p.step, 'total', p.total,
+                                         'at', clock_timestamp())
+      FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS p(id, attempt, step, total)
+     WHERE jobs.id = p.id AND jobs.attempts = p.attempt AND jobs.status = 'processing'
+    RETURNING jobs.id, p.step, p.total
+)
+SELECT pg_notify('{events_channel}',
+                 json_build_object('job', id, 'type', 'progress', 'step', step,
+                                   'total', total)::text)
+  FROM recorded
 
 -- name: record_cancelled_stop
 -- Where the cancelled attempt's pipeline call stopped, kept in the job's metadata (fenced by
@@ -47,3 +61,12 @@ UPDATE jobs
 UPDATE jobs
    SET metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
  WHERE id = $1 AND attempts = $2 AND status = 'cancelled'
+
+-- name: publish_asset_stored
+-- An SSE 'asset' event: one file of a running attempt is in storage (fenced by attempt).
+-- $1 job id, $2 attempt, $3 asset index, $4 bucket, $5 key.
+SELECT pg_notify('{events_channel}',
+                 json_build_object('job', id, 'type', 'asset', 'index', $3::int,
+                                   'bucket', $4::text, 'path', $5::text)::text)
+  FROM jobs
+ WHERE id = $1 AND attempts = $2 AND status = 'processing'

@@ -4,6 +4,7 @@ denoising step (and the replica goes on with the next job), a finished job is a 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -64,3 +65,39 @@ async def test_cancelling_queued_running_and_finished_jobs(http: httpx.AsyncClie
     assert conflict.status_code == 409
     assert conflict.json()["error"]["code"] == "conflict"
     assert (await http.delete(f"/v1/jobs/{waiting['id']}")).status_code == 200
+
+
+async def sse_events(http: httpx.AsyncClient, job_id: str) -> list[tuple[str, dict]]:
+    """Read a job's stream over real HTTP until the service ends it."""
+    events: list[tuple[str, dict]] = []
+    fields: dict[str, str] = {}
+    async with http.stream("GET", f"/v1/jobs/{job_id}/events", timeout=120) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line:
+                if "event" in fields:
+                    events.append((fields["event"], json.loads(fields["data"])))
+                fields = {}
+            elif not line.startswith(":"):
+                name, _, value = line.partition(": ")
+                fields[name] = value
+    return events
+
+
+async def test_two_subscribers_through_serve_see_the_same_stream(http: httpx.AsyncClient):
+    submitted = await submit(http, job_type="sdxl_image_fast", num_images=3)
+    streams = [asyncio.create_task(sse_events(http, submitted["id"])) for _ in range(2)]
+    first, second = await asyncio.wait_for(asyncio.gather(*streams), 180)
+    for events in (first, second):
+        assert events[-1] == ("status", {"status": "completed"})
+        assert sorted(d["index"] for kind, d in events if kind == "asset") == [0, 1, 2]
+
+    def milestones(events: list[tuple[str, dict]]) -> list[tuple[str, object]]:
+        # A subscriber that came a moment later may have missed 'queued' or some progress.
+        return [
+            (kind, data.get("status", data.get("index")))
+            for kind, data in events
+            if kind != "progress" and data != {"status": "queued"}
+        ]
+
+    assert sorted(milestones(first), key=str) == sorted(milestones(second), key=str)
