@@ -166,7 +166,7 @@ async def fill(pool: asyncpg.Pool, jobs: int, mix: dict[tuple[str, int], int]) -
     """
     started = time.perf_counter()
     async with pool.acquire() as connection:
-        await connection.execute("TRUNCATE jobs, images, videos")
+        await connection.execute("TRUNCATE jobs, images, videos, callback_deliveries")
         await connection.execute("SET synchronous_commit = off")
         await connection.execute("SET maintenance_work_mem = '512MB'")
         await write_kinds(connection, mix)

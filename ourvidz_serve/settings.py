@@ -124,7 +124,22 @@ class Settings(BaseSettings):
     )
 
     callback_url: str | None = None
-    callback_secret: SecretStr | None = None
+    callback_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks signing secret ('whsec_' + base64, or any string); "
+        "several comma-separated while one is rotated: each signs every delivery",
+    )
+    callback_timeout_s: float = Field(10.0, gt=0, description="One delivery attempt's time cap")
+    callback_max_attempts: int = Field(
+        12, ge=1, description="Attempts before a delivery is given up (about 2 h by default)"
+    )
+    callback_retry_base_s: float = Field(
+        2.0, gt=0, description="First retry delay; doubles per attempt, with full jitter"
+    )
+    callback_retry_max_s: float = Field(1800.0, gt=0, description="Longest retry delay")
+    callback_poll_interval_s: float = Field(
+        1.0, gt=0, description="How often a deliverer looks for due deliveries"
+    )
 
     workers_enabled: bool = Field(
         True,
@@ -184,12 +199,20 @@ class Settings(BaseSettings):
                 )
         return self
 
+    @model_validator(mode="after")
+    def _signed_callbacks(self) -> Settings:
+        if self.callback_url is not None and self.callback_secret is None:
+            raise ValueError("OURVIDZ_CALLBACK_URL needs OURVIDZ_CALLBACK_SECRET to sign them")
+        return self
+
     def secrets(self) -> list[str]:
         """Every configured secret, for log redaction."""
         values = [*self.api_keys]
-        for secret in (self.jwt_secret, self.url_signing_secret, self.callback_secret):
+        for secret in (self.jwt_secret, self.url_signing_secret):
             if secret is not None:
                 values.append(secret.get_secret_value())
+        if self.callback_secret is not None:
+            values.extend(self.callback_secret.get_secret_value().split(","))
         if self.database_url is not None:
             password = urlsplit(self.database_url.get_secret_value()).password
             if password:

@@ -52,7 +52,7 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def repository(pool: asyncpg.Pool) -> JobRepository:
     """A repository over empty tables."""
-    await pool.execute("TRUNCATE jobs, images, videos, rate_limits")
+    await pool.execute("TRUNCATE jobs, images, videos, rate_limits, callback_deliveries")
     return JobRepository(pool)
 
 

@@ -73,12 +73,19 @@ def test_every_configured_secret_is_listed_for_redaction():
     settings = Settings(
         api_keys=["service-key-1"],
         jwt_secret="j" * 32,
-        callback_secret="callback-secret",
+        callback_secret="callback-secret,rotated-secret",
         database_url="postgresql://ourvidz:db-password-9@127.0.0.1:5432/ourvidz",
     )
     assert set(settings.secrets()) == {
         "service-key-1",
         "j" * 32,
         "callback-secret",
+        "rotated-secret",
         "db-password-9",
     }
+
+
+def test_a_callback_url_without_a_signing_secret_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="OURVIDZ_CALLBACK_SECRET"):
+        Settings(callback_url="https://platform.example/hooks")
+    assert Settings(callback_url="https://platform.example/hooks", callback_secret="s").callback_url

@@ -30,6 +30,7 @@ from ourvidz_serve.security.fetch import ReferenceFetcher
 from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
+from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.reaper import run_reaper
 
 logger = logging.getLogger(__name__)
@@ -68,6 +69,10 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             per_user_per_s=settings.rate_limit_per_user_per_s,
             per_user_burst=settings.rate_limit_per_user_burst,
         )
+        deliverer = deliverer_from_settings(repository, settings)
+        if deliverer is not None:
+            delivering = asyncio.create_task(deliverer.run(), name="callbacks")
+            stack.push_async_callback(_cancelled, delivering)
         events = JobEventHub(repository)
         hub = asyncio.create_task(events.run(), name="job-events")
         stack.push_async_callback(_cancelled, hub)

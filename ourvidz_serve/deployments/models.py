@@ -10,6 +10,7 @@ the grace period and releases the rest to the queue. The runners know nothing of
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
 from ourvidz_serve.redaction import install_log_redaction
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
+from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.handlers import JobHandler
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 
@@ -53,6 +55,11 @@ class _QueueWorkerReplica:
         storage = create_storage(settings)
         await storage.start()
         self._stack.push_async_callback(storage.close)
+        # Callbacks are delivered by every replica with a pool (claims use SKIP LOCKED).
+        deliverer = deliverer_from_settings(JobRepository(pool), settings)
+        if deliverer is not None:
+            delivering = asyncio.create_task(deliverer.run(), name="callbacks")
+            self._stack.push_async_callback(_stop_task, delivering)
         if settings.workers_enabled:
             self._worker = QueueWorker(
                 JobRepository(pool),
@@ -131,3 +138,9 @@ class EnhancerDeployment:
 
     def ready(self) -> str:
         return "ok"
+
+
+async def _stop_task(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

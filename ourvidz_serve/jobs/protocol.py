@@ -175,6 +175,24 @@ class AssetResource(BaseModel):
     completed_at: datetime | None
 
 
+class CallbackAttempt(BaseModel):
+    at: datetime
+    attempt: int | None = None
+    status_code: int | None = None
+    error: str | None = None
+    duration_s: float | None = None
+
+
+class CallbackDelivery(BaseModel):
+    event: str
+    webhook_id: str = Field(description="The webhook-id header: stable per job and event")
+    status: Literal["pending", "delivered", "failed"]
+    attempts: int
+    next_attempt_at: datetime | None
+    delivered_at: datetime | None
+    history: list[CallbackAttempt]
+
+
 class JobProgress(BaseModel):
     step: int
     total: int
@@ -203,6 +221,10 @@ class JobResource(BaseModel):
         None, description="The latest denoising step its worker recorded while it ran"
     )
     assets: list[AssetResource]
+    callbacks: list[CallbackDelivery] = Field(
+        default_factory=list,
+        description="Callback deliveries owed for this job and every attempt (GET only)",
+    )
 
 
 class JobList(BaseModel):

@@ -14,6 +14,7 @@ from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import (
     AssetResource,
+    CallbackDelivery,
     JobList,
     JobRequest,
     JobResource,
@@ -88,7 +89,10 @@ class JobService:
         job = await self._repository.get_job(job_id)
         if job is None or not principal.can_see(job):
             raise NotFound(f"job {job_id} not found")
-        return await self.to_resource(job)
+        resource = await self.to_resource(job)
+        deliveries = await self._repository.callback_deliveries(job_id)
+        resource.callbacks = [CallbackDelivery.model_validate(row) for row in deliveries]
+        return resource
 
     async def cancel(self, job_id: UUID, principal: Principal) -> JobResource:
         """Cancel a queued or running job (a running one stops at its next step).

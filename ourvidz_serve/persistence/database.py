@@ -35,6 +35,9 @@ def start_embedded_postgres(directory: Path) -> Any:
     return pgserver.get_server(directory, cleanup_mode="stop")
 
 
+CALLBACKS_PARAMETER = "ourvidz.callbacks"
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     for type_name in ("jsonb", "json"):
         await connection.set_type_codec(
@@ -59,6 +62,9 @@ async def open_database(
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             init=_init_connection,
+            # The outbox trigger owes a callback only on connections that say so: with no
+            # callback URL, ending a job writes no delivery row.
+            server_settings={CALLBACKS_PARAMETER: "on"} if settings.callback_url else None,
         )
         try:
             async with pool.acquire() as connection:

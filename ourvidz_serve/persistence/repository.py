@@ -117,6 +117,15 @@ class JobFilters:
 
 
 @dataclass(frozen=True)
+class CallbackClaim:
+    id: UUID
+    job_id: UUID
+    event: str
+    webhook_id: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class ReapedJob:
     id: UUID
     queue: str
@@ -512,6 +521,42 @@ class JobRepository:
                 [progress[key][0] for key in keys],
                 [progress[key][1] for key in keys],
             )
+
+    async def claim_callbacks(self, limit: int, lock_s: float) -> list[CallbackClaim]:
+        """Due callback deliveries, locked for this deliverer (SKIP LOCKED)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["claim_callbacks"], limit, float(lock_s))
+        return [
+            CallbackClaim(
+                row["id"], row["job_id"], row["event"], row["webhook_id"], row["attempts"]
+            )
+            for row in rows
+        ]
+
+    async def record_callback_attempt(
+        self,
+        claim: CallbackClaim,
+        outcome: str,
+        retry_in_s: float,
+        record: dict[str, Any],
+    ) -> bool:
+        """Keep one attempt's record; ``outcome`` is ``delivered``, ``failed`` or ``pending``
+        (due again in ``retry_in_s``). Fenced by the attempt number."""
+        async with self._connection() as connection:
+            status = await connection.execute(
+                QUERIES["record_callback_attempt"],
+                claim.id,
+                claim.attempt,
+                outcome,
+                float(retry_in_s),
+                record,
+            )
+        return status == "UPDATE 1"
+
+    async def callback_deliveries(self, job_id: UUID) -> list[dict[str, Any]]:
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["callback_deliveries_of_job"], job_id)
+        return [dict(row) for row in rows]
 
     async def publish_asset_stored(
         self, job_id: UUID, attempt: int, index: int, bucket: str, path: str

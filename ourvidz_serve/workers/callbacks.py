@@ -1,0 +1,178 @@
+"""Callback delivery from the outbox: signed by the Standard Webhooks scheme, retried with
+jittered exponential backoff held in the database, every attempt recorded. No Ray.
+
+A delivery never touches its job: a receiver that is down, slow or failing delays only its
+own callback, and the deliverer runs beside the workers, never in their way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+from standardwebhooks.webhooks import Webhook
+
+from ourvidz_serve.errors import DatabaseUnavailable
+from ourvidz_serve.persistence.repository import CallbackClaim, JobRecord, JobRepository
+from ourvidz_serve.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+CLAIM_BATCH = 16
+
+
+class CallbackSigner:
+    """``webhook-id``, ``webhook-timestamp`` and ``webhook-signature`` headers.
+
+    Several secrets (one being rotated in) each sign every message; the signatures go
+    space-separated in one header, and a receiver that knows any one of them verifies it.
+    """
+
+    def __init__(self, secrets: Sequence[str]) -> None:
+        if not secrets:
+            raise ValueError("a callback needs at least one signing secret")
+        # A "whsec_" secret is base64 (the library decodes it); any other is used as bytes.
+        self._webhooks = [
+            Webhook(secret if secret.startswith("whsec_") else secret.encode())
+            for secret in secrets
+        ]
+
+    @classmethod
+    def from_setting(cls, value: str) -> CallbackSigner:
+        return cls([secret.strip() for secret in value.split(",") if secret.strip()])
+
+    def headers(self, webhook_id: str, body: str, now: datetime) -> dict[str, str]:
+        signatures = " ".join(hook.sign(webhook_id, now, body) for hook in self._webhooks)
+        return {
+            "webhook-id": webhook_id,
+            "webhook-timestamp": str(int(now.timestamp())),
+            "webhook-signature": signatures,
+            "content-type": "application/json",
+        }
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    max_attempts: int
+    base_s: float
+    max_s: float
+
+    def delay_s(self, attempt: int) -> float:
+        """Exponential, with equal jitter: half fixed, half random, so retries of many
+        callbacks that failed together spread out but never come back at once."""
+        ceiling = min(self.max_s, self.base_s * 2 ** (attempt - 1))
+        return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def callback_payload(job: JobRecord) -> dict[str, Any]:
+    """The seed's standardized body (schemas/callback.schema.json)."""
+    return {
+        "job_id": str(job.id),
+        "status": job.status.value,
+        "assets": [asset.path for asset in sorted(job.assets, key=lambda a: a.index)],
+        "error_message": job.error_message,
+        "metadata": job.metadata,
+    }
+
+
+class CallbackDeliverer:
+    def __init__(
+        self,
+        repository: JobRepository,
+        url: str,
+        signer: CallbackSigner,
+        retry: RetryPolicy,
+        *,
+        timeout_s: float,
+        poll_interval_s: float,
+    ) -> None:
+        self._repository = repository
+        self._url = url
+        self._signer = signer
+        self._retry = retry
+        self._timeout_s = timeout_s
+        self._poll_interval_s = poll_interval_s
+        self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
+
+    async def run(self) -> None:
+        """Deliver what is due until cancelled; an unavailable database is waited out."""
+        try:
+            while True:
+                try:
+                    delivered = await self.deliver_due()
+                except DatabaseUnavailable as exc:
+                    logger.warning("callback deliverer cannot reach the database: %s", exc.message)
+                    delivered = 0
+                if not delivered:
+                    await asyncio.sleep(self._poll_interval_s)
+        finally:
+            await self._client.aclose()
+
+    async def deliver_due(self) -> int:
+        """One round: claim due deliveries and attempt each (concurrently); return how many."""
+        # Locked for longer than an attempt can take, so no other deliverer takes it meanwhile.
+        claims = await self._repository.claim_callbacks(CLAIM_BATCH, self._timeout_s * 2 + 5)
+        await asyncio.gather(*(self._attempt(claim) for claim in claims))
+        return len(claims)
+
+    async def _attempt(self, claim: CallbackClaim) -> None:
+        job = await self._repository.get_job(claim.job_id)
+        if job is None:  # deleted meanwhile: nothing left to report
+            await self._repository.record_callback_attempt(
+                claim, "failed", 0, {"at": _now_iso(), "error": "the job no longer exists"}
+            )
+            return
+        body = json.dumps(callback_payload(job), separators=(",", ":"), default=str)
+        headers = self._signer.headers(claim.webhook_id, body, datetime.now(UTC))
+        started = time.monotonic()
+        record: dict[str, Any] = {"at": _now_iso(), "attempt": claim.attempt}
+        delivered = False
+        try:
+            response = await self._client.post(self._url, content=body, headers=headers)
+            record["status_code"] = response.status_code
+            delivered = response.is_success
+        except httpx.HTTPError as exc:
+            record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        record["duration_s"] = round(time.monotonic() - started, 4)
+        if delivered:
+            outcome, retry_in = "delivered", 0.0
+        elif claim.attempt >= self._retry.max_attempts:
+            outcome, retry_in = "failed", 0.0
+            logger.warning(
+                "callback %s given up after %d attempts", claim.webhook_id, claim.attempt
+            )
+        else:
+            outcome, retry_in = "pending", self._retry.delay_s(claim.attempt)
+        await self._repository.record_callback_attempt(claim, outcome, retry_in, record)
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def deliverer_from_settings(
+    repository: JobRepository, settings: Settings
+) -> CallbackDeliverer | None:
+    """The deliverer, or None when no callback URL is configured."""
+    if settings.callback_url is None or settings.callback_secret is None:
+        return None
+    return CallbackDeliverer(
+        repository,
+        settings.callback_url,
+        CallbackSigner.from_setting(settings.callback_secret.get_secret_value()),
+        RetryPolicy(
+            settings.callback_max_attempts,
+            settings.callback_retry_base_s,
+            settings.callback_retry_max_s,
+        ),
+        timeout_s=settings.callback_timeout_s,
+        poll_interval_s=settings.callback_poll_interval_s,
+    )
