@@ -23,7 +23,7 @@ from ourvidz_serve.catalog import (
 from ourvidz_serve.domain import AssetKind, AssetPlan, JobPlan
 from ourvidz_serve.jobs.protocol import MAX_SEED, JobRequest
 from ourvidz_serve.prompts import generate_negative_prompt_for_sdxl, prompt_stats
-from ourvidz_serve.storage import asset_key
+from ourvidz_serve.storage import asset_key, poster_key
 
 
 def asset_seed(job_seed: int, index: int) -> int:
@@ -127,6 +127,8 @@ def plan_job(
             asset_metadata["negative_prompt"] = system["negative_prompt"]
         path = asset_key(user_id, job_id, spec.file_extension, path_index)
         asset_metadata["stored_path"] = path
+        if kind is AssetKind.VIDEO and spec.format is OutputFormat.VIDEO:
+            asset_metadata["thumbnail_path"] = poster_key(path)
         assets.append(
             AssetPlan(
                 index=index,

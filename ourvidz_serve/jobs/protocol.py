@@ -49,7 +49,7 @@ RESERVED_METADATA_KEYS = frozenset(
         "original_prompt", "enhanced_prompt", "enhancement_fallback",
         "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
         "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
-        "stopped_at_step", "total_steps",
+        "stopped_at_step", "total_steps", "denoising_finished_at",
     }
 )  # fmt: skip
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
@@ -170,6 +170,9 @@ class AssetResource(BaseModel):
     bucket: str
     path: str = Field(description="Storage key inside the bucket")
     url: str | None = Field(None, description="Signed download URL, once completed")
+    thumbnail_url: str | None = Field(
+        None, description="A video's poster frame (WebP), signed, once completed"
+    )
     seed: int | None
     metadata: dict[str, Any]
     completed_at: datetime | None

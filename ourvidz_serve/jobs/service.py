@@ -205,9 +205,12 @@ class JobService:
         )
 
     async def _asset_resource(self, asset: AssetRecord) -> AssetResource:
-        url = None
+        url = thumbnail_url = None
         if asset.status is JobStatus.COMPLETED:
             url = await self._storage.signed_url(asset.bucket, asset.path)
+            if asset.metadata.get("thumbnail_path"):
+                thumbnail = str(asset.metadata["thumbnail_path"])
+                thumbnail_url = await self._storage.signed_url(asset.bucket, thumbnail)
         return AssetResource(
             id=asset.id,
             kind=asset.kind,
@@ -216,6 +219,7 @@ class JobService:
             bucket=asset.bucket,
             path=asset.path,
             url=url,
+            thumbnail_url=thumbnail_url,
             seed=asset.seed,
             metadata=asset.metadata,
             completed_at=asset.completed_at,

@@ -66,6 +66,8 @@ class EncodedAsset:
     width: int
     height: int
     num_frames: int = 1
+    poster: bytes | None = None
+    """A video's poster frame (WebP), stored beside it; None for images."""
 
 
 @dataclass(frozen=True)

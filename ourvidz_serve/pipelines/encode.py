@@ -37,6 +37,13 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def encode_webp(image: np.ndarray, quality: int = 85) -> bytes:
+    """WebP bytes of an (H, W, 3) uint8 / float [0, 1] frame (a video's poster)."""
+    buffer = io.BytesIO()
+    Image.fromarray(to_uint8(image)).save(buffer, format="WEBP", quality=quality)
+    return buffer.getvalue()
+
+
 def decode_png(data: bytes) -> np.ndarray:
     """(H, W, 3) uint8 pixels of an encoded image."""
     with Image.open(io.BytesIO(data)) as image:

@@ -23,7 +23,7 @@ from ourvidz_serve.pipelines.base import (
     VideoRequest,
 )
 from ourvidz_serve.pipelines.devices import random_init, resolve_device
-from ourvidz_serve.pipelines.encode import encode_mp4, encode_png
+from ourvidz_serve.pipelines.encode import encode_mp4, encode_png, encode_webp
 from ourvidz_serve.pipelines.tokenizers import t5_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings
 
@@ -264,6 +264,7 @@ class WanPipelineRunner:
             width=width,
             height=height,
             num_frames=len(frames),
+            poster=encode_webp(frames[0]),
         )
 
     def _run(

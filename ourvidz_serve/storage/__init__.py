@@ -28,6 +28,7 @@ __all__ = [
     "Storage",
     "asset_key",
     "create_storage",
+    "poster_key",
     "resolve_ttl",
     "validate_location",
 ]
@@ -130,6 +131,12 @@ def asset_key(user_id: UUID, job_id: UUID, extension: str, index: int | None) ->
         raise InvalidRequest(f"asset index must be >= 0, got {index}")
     suffix = "" if index is None else f"_{index}"
     return f"{UUID(str(user_id))}/{UUID(str(job_id))}{suffix}.{ext}"
+
+
+def poster_key(video_key: str) -> str:
+    """The deterministic key of a video's poster frame, beside it: ``{job_id}_poster.webp``."""
+    stem, dot, _extension = video_key.rpartition(".")
+    return f"{stem if dot else video_key}_poster.webp"
 
 
 def create_storage(settings: Settings) -> Storage:

@@ -123,6 +123,7 @@ class QueueWorker:
         self._progress: dict[tuple[UUID, int], tuple[int, int]] = {}
         """Progress not yet recorded: ``{(job, attempt): (step, total)}``, latest only."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._denoised_at: dict[UUID, float] = {}
         self._control = RunControl(
             is_cancelled=self._cancelled.__contains__, report_progress=self._report_progress
         )
@@ -185,10 +186,16 @@ class QueueWorker:
         """From the pipeline's thread: keep the latest step, for the next progress flush."""
         attempt = self._held.get(job_id)
         if attempt is not None and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._keep_progress, job_id, attempt, step, total)
+            self._loop.call_soon_threadsafe(
+                self._keep_progress, job_id, attempt, step, total, time.time()
+            )
 
-    def _keep_progress(self, job_id: UUID, attempt: int, step: int, total: int) -> None:
+    def _keep_progress(self, job_id: UUID, attempt: int, step: int, total: int, at: float) -> None:
         self._progress[(job_id, attempt)] = (step, total)
+        if step == total:
+            # When denoising ended: what decoding, encoding, storing and recording add after
+            # it is the delivery latency users see.
+            self._denoised_at[job_id] = at
 
     async def _progress_loop(self) -> None:
         """Record the latest progress of running jobs, at most every PROGRESS_INTERVAL_S:
@@ -284,6 +291,7 @@ class QueueWorker:
         if self._held.get(job.id) == job.attempts:
             del self._held[job.id]
         self._cancelled.discard(job.id)
+        self._denoised_at.pop(job.id, None)
 
     async def _still_held(self, job: JobRecord) -> bool:
         """False when the lease was lost (and the job maybe re-claimed): skip the upload."""
@@ -337,6 +345,9 @@ class QueueWorker:
         ]
         first = generated.outputs[0]
         metadata = _timings(job, claimed_at) | generated.metadata
+        if job.id in self._denoised_at:
+            denoised = datetime.fromtimestamp(self._denoised_at[job.id], UTC)
+            metadata["denoising_finished_at"] = denoised.isoformat()
         metadata |= {
             "generation_time": generation_time,
             "generation_timestamp": datetime.now(UTC).isoformat(),
@@ -379,6 +390,9 @@ class QueueWorker:
 
     async def _store_asset(self, job: JobRecord, asset: AssetRecord, output: EncodedAsset) -> None:
         """Store one file, then tell SSE subscribers (a lost event is not worth a failure)."""
+        thumbnail = asset.metadata.get("thumbnail_path")
+        if output.poster is not None and thumbnail:
+            await self._put(asset.bucket, thumbnail, output.poster, "image/webp")
         await self._put(asset.bucket, asset.path, output.data, output.mime_type)
         try:
             await self._repository.publish_asset_stored(

@@ -119,6 +119,7 @@ WITH done AS (
 ), video_rows AS (
     UPDATE videos
        SET status = 'completed', video_url = ($5::text[])[1],
+           thumbnail_url = videos.metadata->>'thumbnail_path',
            metadata = videos.metadata || ($6::jsonb[])[1],
            completed_at = clock_timestamp(), updated_at = clock_timestamp()
       FROM done

@@ -91,7 +91,8 @@ async def test_every_job_type_completes_with_rows_files_and_metadata(
         assert set(meta) <= RESERVED_METADATA_KEYS, set(meta) - RESERVED_METADATA_KEYS
         is_video = spec.format is OutputFormat.VIDEO
         assets = await service_db.fetch(
-            "SELECT status, video_url AS path, metadata FROM videos WHERE job_id = $1::uuid"
+            "SELECT status, video_url AS path, thumbnail_url, metadata FROM videos "
+            "WHERE job_id = $1::uuid"
             if is_video
             else "SELECT status, image_url AS path, metadata FROM images "
             "WHERE job_id = $1::uuid ORDER BY image_index",
@@ -111,9 +112,18 @@ async def test_every_job_type_completes_with_rows_files_and_metadata(
                 info = probe_mp4(data)
                 assert info.num_frames == meta["frame_num"] == 81
                 assert info.fps == 16
+                # The poster frame, beside the video, in the row and behind a signed URL.
+                poster_key = f"{job['user_id']}/{job['id']}_poster.webp"
+                assert asset_row["thumbnail_url"] == poster_key
+                poster = await http.get(asset["thumbnail_url"], headers={"Authorization": ""})
+                assert poster.content[:4] == b"RIFF" and poster.content[8:12] == b"WEBP"
+                assert poster.content == (stored.parent / f"{job['id']}_poster.webp").read_bytes()
+                with Image.open(io.BytesIO(poster.content)) as frame:
+                    assert frame.size == (info.width, info.height)
             else:
                 assert stored.name == f"{job['id']}_{asset['index']}.png"
                 assert png_pixels(data).ndim == 3
+                assert asset["thumbnail_url"] is None
 
 
 async def test_a_six_image_job_updates_its_six_rows_and_never_inserts(

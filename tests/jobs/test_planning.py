@@ -87,3 +87,12 @@ def test_user_metadata_is_merged_and_every_key_the_service_writes_is_reserved():
 def test_fingerprint_tells_different_bodies_apart():
     assert request_fingerprint(request(seed=1), USER) == request_fingerprint(request(seed=1), USER)
     assert request_fingerprint(request(seed=1), USER) != request_fingerprint(request(seed=2), USER)
+
+
+def test_a_video_plans_its_poster_frame_beside_it_and_an_image_none():
+    video = plan_job(request(job_type="video_fast"), USER)
+    [asset] = video.assets
+    assert asset.path == f"{USER}/{video.job_id}.mp4"
+    assert asset.metadata["thumbnail_path"] == f"{USER}/{video.job_id}_poster.webp"
+    image = plan_job(request(job_type="image_fast"), USER)
+    assert "thumbnail_path" not in image.assets[0].metadata

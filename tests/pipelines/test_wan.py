@@ -61,10 +61,17 @@ def test_81_frame_video_is_an_h264_mp4_with_81_frames_at_16_fps(
     frames = read_mp4_frames(asset.data)
     assert frames.shape == (81, height, width, 3)
     assert np.abs(frames[0].astype(int) - frames[-1].astype(int)).mean() > 0, "frames change"
+    # The poster is the first frame, as WebP (lossy: close, not equal).
+    assert asset.poster is not None
+    with Image.open(io.BytesIO(asset.poster)) as poster:
+        assert poster.format == "WEBP" and poster.size == (width, height)
+        first = np.asarray(poster.convert("RGB"), dtype=int)
+    assert np.abs(first - frames[0].astype(int)).mean() < 12
 
 
 def test_single_frame_request_returns_a_png_image(runner: WanPipelineRunner) -> None:
     asset = runner.generate(request(1))
+    assert asset.poster is None
     with Image.open(io.BytesIO(asset.data)) as image:
         assert image.format == "PNG"
         assert image.size == runner.output_size(832, 480) == (asset.width, asset.height)

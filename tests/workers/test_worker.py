@@ -14,6 +14,7 @@ import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -176,6 +177,9 @@ async def test_one_claim_runs_compatible_jobs_in_one_call_with_honest_timings(
         )
         assert meta["queue_wait_time"] >= 0.2
         assert 0 < meta["generation_time"] <= meta["total_time"]
+        denoised = datetime.fromisoformat(meta["denoising_finished_at"])
+        assert job.completed_at is not None
+        assert job.started_at < denoised <= job.completed_at
         for asset in job.assets:
             assert local_storage.path_for(asset.bucket, asset.path).read_bytes()[:4] == b"\x89PNG"
 
