@@ -8,9 +8,11 @@ import json
 import time
 
 import httpx
+import numpy as np
 import pytest
 
-from tests.e2e.test_serve_lifecycle import finished, submit
+from tests.e2e.test_serve_lifecycle import finished, png_pixels, submit
+from tests.launcher import RunningService
 
 pytestmark = pytest.mark.e2e
 
@@ -101,3 +103,37 @@ async def test_two_subscribers_through_serve_see_the_same_stream(http: httpx.Asy
         ]
 
     assert sorted(milestones(first), key=str) == sorted(milestones(second), key=str)
+
+
+async def test_cancelling_one_job_of_a_shared_sdxl_call_leaves_its_batch_mate_exact(
+    http: httpx.AsyncClient, service: RunningService
+):
+    # Keep the SDXL replica busy, so that the next two jobs wait and share one call.
+    busy = await submit(http, job_type="sdxl_image_high", num_images=6)
+    await wait_for_progress(http, busy["id"])
+    kept, dropped = await asyncio.gather(
+        submit(http, job_type="sdxl_image_high", num_images=3, seed=1234),
+        submit(http, job_type="sdxl_image_high", num_images=3, seed=98765),
+    )
+    await wait_for_progress(http, kept["id"])
+    response = await http.delete(f"/v1/jobs/{dropped['id']}")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "cancelled"
+
+    done = await finished(http, kept["id"])
+    assert done["status"] == "completed", done
+    assert done["metadata"]["pipeline_batch_images"] == 6, "the two jobs shared one call"
+    gone = (await http.get(f"/v1/jobs/{dropped['id']}")).json()
+    assert gone["status"] == "cancelled"
+    assert [asset["status"] for asset in gone["assets"]] == ["cancelled"] * 3
+    for asset in gone["assets"]:
+        assert not (service.data_dir / "storage" / asset["bucket"] / asset["path"]).exists()
+
+    # Image 1 of the kept job equals the same seed generated alone.
+    alone = await submit(http, job_type="sdxl_image_high", num_images=1, seed=1235)
+    alone_done = await finished(http, alone["id"])
+    batch_png = (await http.get(done["assets"][1]["url"])).content
+    alone_png = (await http.get(alone_done["assets"][0]["url"])).content
+    difference = np.abs(png_pixels(batch_png) - png_pixels(alone_png)).max()
+    assert int(difference) <= 2
+    await finished(http, busy["id"])
