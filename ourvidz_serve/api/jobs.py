@@ -39,17 +39,22 @@ async def submit_job(
     return JSONResponse(job.model_dump(mode="json"), status_code=202 if created else 200)
 
 
+async def visible_job(
+    job_id: UUID,
+    state: Annotated[AppState, Depends(get_state)],
+    principal: Annotated[Principal, Depends(require_principal)],
+) -> JobResource:
+    """The job if the caller may see it, else 404 (before any response, a stream's too)."""
+    return await state.jobs.get(job_id, principal)
+
+
 @router.get(
     "/{job_id}",
     response_model=JobResource,
     responses={**AUTHENTICATED_ERRORS, **error_responses(404, 422)},
 )
-async def get_job(
-    job_id: UUID,
-    state: Annotated[AppState, Depends(get_state)],
-    principal: Annotated[Principal, Depends(require_principal)],
-) -> JobResource:
-    return await state.jobs.get(job_id, principal)
+async def get_job(job: Annotated[JobResource, Depends(visible_job)]) -> JobResource:
+    return job
 
 
 @router.get(
@@ -87,15 +92,6 @@ async def cancel_job(
     answers 409; cancelling twice answers the cancelled job again.
     """
     return await state.jobs.cancel(job_id, principal)
-
-
-async def visible_job(
-    job_id: UUID,
-    state: Annotated[AppState, Depends(get_state)],
-    principal: Annotated[Principal, Depends(require_principal)],
-) -> JobResource:
-    """The job if the caller may see it; 404 before any stream starts otherwise."""
-    return await state.jobs.get(job_id, principal)
 
 
 @router.get(

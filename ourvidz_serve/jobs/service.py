@@ -85,11 +85,15 @@ class JobService:
         )
         return await self.to_resource(job), created
 
-    async def get(self, job_id: UUID, principal: Principal) -> JobResource:
+    async def _visible(self, job_id: UUID, principal: Principal) -> JobRecord:
+        """The job's record if ``principal`` may see it; ``NotFound`` otherwise."""
         job = await self._repository.get_job(job_id)
         if job is None or not principal.can_see(job):
             raise NotFound(f"job {job_id} not found")
-        resource = await self.to_resource(job)
+        return job
+
+    async def get(self, job_id: UUID, principal: Principal) -> JobResource:
+        resource = await self.to_resource(await self._visible(job_id, principal))
         deliveries = await self._repository.callback_deliveries(job_id)
         resource.callbacks = [CallbackDelivery.model_validate(row) for row in deliveries]
         return resource
@@ -99,9 +103,7 @@ class JobService:
 
         Cancelling a cancelled job answers it again; a completed or failed one is a conflict.
         """
-        job = await self._repository.get_job(job_id)
-        if job is None or not principal.can_see(job):
-            raise NotFound(f"job {job_id} not found")
+        await self._visible(job_id, principal)
         was = await self._repository.cancel_job(job_id)
         if was in (JobStatus.COMPLETED, JobStatus.FAILED):
             raise Conflict(
@@ -122,18 +124,18 @@ class JobService:
         """
         async with self._events.subscribe(job_id) as queue:
             # Subscribed before reading, so no change between the two is missed.
-            job = await self.get(job_id, principal)
+            job = await self._visible(job_id, principal)
             last_status = job.status
             if job.status not in TERMINAL_STATUSES:
                 yield "status", {"status": job.status.value}
                 if job.progress is not None and job.status is JobStatus.PROCESSING:
-                    yield "progress", {"step": job.progress.step, "total": job.progress.total}
+                    yield "progress", {"step": job.progress["step"], "total": job.progress["total"]}
             sent_assets: set[int] = set()
             while job.status not in TERMINAL_STATUSES:
                 try:
                     event = await asyncio.wait_for(queue.get(), EVENTS_RECHECK_S)
                 except TimeoutError:
-                    job = await self.get(job_id, principal)
+                    job = await self._visible(job_id, principal)
                     if job.status is not last_status and job.status not in TERMINAL_STATUSES:
                         last_status = job.status
                         yield "status", {"status": job.status.value}
@@ -142,7 +144,7 @@ class JobService:
                 if kind == "status":
                     status = JobStatus(event["status"])
                     if status in TERMINAL_STATUSES:
-                        job = await self.get(job_id, principal)
+                        job = await self._visible(job_id, principal)
                     elif status is not last_status:
                         last_status = status
                         yield "status", {"status": status.value}
@@ -154,7 +156,7 @@ class JobService:
                     yield "asset", {"index": event["index"], "url": url}
             # The end: any stored file not announced yet (a late subscriber: all), then the
             # terminal status.
-            for asset in job.assets:
+            for asset in (await self.to_resource(job)).assets:
                 if asset.url is not None and asset.index not in sent_assets:
                     yield "asset", {"index": asset.index, "url": asset.url}
             yield "status", {"status": job.status.value}

@@ -28,7 +28,7 @@ logger = logging.getLogger(__name__)
 
 NOTIFY_CHANNEL = "ourvidz_jobs_queued"
 CANCEL_CHANNEL = "ourvidz_jobs_cancelled"
-EVENTS_CHANNEL = "ourvidz_job_events"
+EVENTS_CHANNEL = "ourvidz_job_events"  # also named in migration 0006 (its status trigger)
 """JSON events of running jobs (status, progress, asset) for the SSE streams."""
 
 # What a lost or unreachable server raises; each becomes DatabaseUnavailable (HTTP 503).

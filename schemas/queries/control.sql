@@ -28,13 +28,8 @@ WITH target AS (
      WHERE videos.job_id = cancelled.id AND videos.status IN ('queued', 'processing')
 ), told AS (
     SELECT pg_notify('{cancel_channel}', id::text) FROM cancelled WHERE was = 'processing'
-), events AS (
-    SELECT pg_notify('{events_channel}',
-                     json_build_object('job', id, 'type', 'status', 'status', 'cancelled')::text)
-      FROM cancelled
 )
-SELECT (SELECT status FROM target) AS was,
-       (SELECT count(*) FROM told) + (SELECT count(*) FROM events) AS told
+SELECT (SELECT status FROM target) AS was, (SELECT count(*) FROM told) AS told
 
 -- name: record_progress
 -- The latest step of each running job, fenced by attempt. One statement for every job a

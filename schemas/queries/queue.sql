@@ -5,8 +5,8 @@
 -- Every outcome a worker records is fenced by the attempt number it claimed: once a lease
 -- has expired and the job was claimed again, the old attempt's writes match no row.
 --
--- Every change of a job's status also NOTIFYs '{events_channel}' with a JSON event
--- ({"job", "type": "status", "status"}), which the ingress replicas turn into SSE streams.
+-- Every change of a job's status is also an SSE event, sent by the trigger of migration
+-- 0006_status_events.sql.
 --
 -- Each statement makes all its writes (the job and its asset rows) at once, so none needs a
 -- transaction of several round trips: the queue's capacity is mostly round trips.
@@ -64,10 +64,7 @@ WITH head AS (
 ), asset_rows AS (
     SELECT * FROM image_rows UNION ALL SELECT * FROM video_rows
 )
-SELECT claimed.*, assets.*,
-       pg_notify('{events_channel}',
-                 json_build_object('job', claimed.id, 'type', 'status',
-                                   'status', 'processing')::text) AS told
+SELECT claimed.*, assets.*
   FROM claimed
  CROSS JOIN LATERAL (
     SELECT array_agg(asset.id ORDER BY asset.idx) AS asset_ids,
@@ -105,10 +102,6 @@ WITH done AS (
            (SELECT count(*) FROM images WHERE job_id = $1 AND image_index = ANY($4::int[]))
            + (SELECT count(*) FROM videos WHERE job_id = $1)
     RETURNING id
-), told AS (
-    SELECT pg_notify('{events_channel}',
-                     json_build_object('job', id, 'type', 'status', 'status', 'completed')::text)
-      FROM done
 ), image_rows AS (
     UPDATE images
        SET status = 'completed', image_url = finished.path,
@@ -125,7 +118,7 @@ WITH done AS (
       FROM done
      WHERE videos.job_id = done.id
 )
-SELECT count(*) FROM done WHERE (SELECT count(*) FROM told) >= 0;
+SELECT count(*) FROM done;
 
 -- name: job_attempt
 -- $1 job id.
@@ -141,10 +134,6 @@ WITH failed AS (
            updated_at = clock_timestamp()
      WHERE id = $1 AND attempts = $2 AND status = 'processing'
     RETURNING id
-), told AS (
-    SELECT pg_notify('{events_channel}',
-                     json_build_object('job', id, 'type', 'status', 'status', 'failed')::text)
-      FROM failed
 ), image_rows AS (
     UPDATE images
        SET status = 'failed', metadata = images.metadata || $5::jsonb,
@@ -158,7 +147,7 @@ WITH failed AS (
       FROM failed
      WHERE videos.job_id = failed.id
 )
-SELECT count(*) FROM failed WHERE (SELECT count(*) FROM told) >= 0;
+SELECT count(*) FROM failed;
 
 -- name: release_job
 -- Back to the queue without an outcome (the replica is stopping); the attempt stays counted.
@@ -180,10 +169,7 @@ WITH released AS (
       FROM released
      WHERE videos.job_id = released.id
 )
-SELECT pg_notify('{notify_channel}', queue),
-       pg_notify('{events_channel}',
-                 json_build_object('job', id, 'type', 'status', 'status', 'queued')::text)
-  FROM released;
+SELECT pg_notify('{notify_channel}', queue) FROM released;
 
 -- name: reap_expired_leases
 -- Jobs whose lease expired (their replica died or hung) go back to the queue, or fail once
@@ -233,9 +219,7 @@ WITH expired AS (
      WHERE videos.job_id = reaped.id
 )
 SELECT id, queue, status, attempts,
-       CASE WHEN status = 'queued' THEN pg_notify('{notify_channel}', queue) END AS notified,
-       pg_notify('{events_channel}',
-                 json_build_object('job', id, 'type', 'status', 'status', status)::text) AS told
+       CASE WHEN status = 'queued' THEN pg_notify('{notify_channel}', queue) END AS notified
   FROM reaped;
 
 -- name: queued_units

@@ -78,13 +78,22 @@ def loopback_origin() -> Iterator[LoopbackOrigin]:
                 pass
             served.huge_bytes_sent.append(sent)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with serving_in_thread(Handler) as server:
+        served = LoopbackOrigin(f"http://127.0.0.1:{server.server_address[1]}")
+        yield served
+
+
+@contextlib.contextmanager
+def serving_in_thread(
+    handler: type[BaseHTTPRequestHandler], port: int = 0
+) -> Iterator[ThreadingHTTPServer]:
+    """An HTTP server on 127.0.0.1 answering from a thread, shut down when the block ends."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
     server.daemon_threads = True
-    served = LoopbackOrigin(f"http://127.0.0.1:{server.server_address[1]}")
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield served
+        yield server
     finally:
         server.shutdown()
         server.server_close()

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from tests.support.loopback_http import serving_in_thread
 
 
 @dataclass
@@ -57,15 +58,8 @@ def webhook_receiver(
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    server.daemon_threads = True
-    receiver = Receiver(
-        f"http://127.0.0.1:{server.server_address[1]}/hooks", list(answers or []), delay_s
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving_in_thread(Handler, port) as server:
+        receiver = Receiver(
+            f"http://127.0.0.1:{server.server_address[1]}/hooks", list(answers or []), delay_s
+        )
         yield receiver
-    finally:
-        server.shutdown()
-        server.server_close()
