@@ -17,7 +17,7 @@ import jwt
 import pytest
 
 from tests.e2e.conftest import API_KEY, JWT_SECRET
-from tests.launcher import RunningService
+from tests.launcher import RunningService, replica_pids
 
 pytestmark = pytest.mark.e2e
 
@@ -69,9 +69,32 @@ def ingress_log_lines(service: RunningService, status: int) -> dict[str, int]:
     return counts
 
 
+async def both_ingress_replicas_serving(service: RunningService, timeout_s: float = 90) -> None:
+    """Wait until two live ingress replicas answer (an earlier test may have killed them)."""
+
+    def served() -> dict[str, int]:
+        logs = service.ray_tmpdir / "ray" / "session_latest" / "logs" / "serve"
+        return {
+            path.name: path.read_text(errors="replace").count("GET /healthz 200")
+            for path in logs.glob("replica_*Ingress*.log")
+        }
+
+    before = served()
+    deadline = time.monotonic() + timeout_s
+    async with httpx.AsyncClient(base_url=service.base_url, timeout=30) as http:
+        while True:
+            await asyncio.gather(*(http.get("/healthz") for _ in range(20)))
+            answered = {name for name, n in served().items() if n > before.get(name, 0)}
+            if len(answered) >= 2 and len(replica_pids(service, "Ingress")) == 2:
+                return
+            assert time.monotonic() < deadline, f"two ingress replicas never answered: {answered}"
+            await asyncio.sleep(0.5)
+
+
 async def test_the_per_user_rate_limit_holds_across_both_ingress_replicas(
     service: RunningService,
 ):
+    await both_ingress_replicas_serving(service)
     user = uuid4()
     token = jwt.encode({"sub": str(user), "exp": int(time.time()) + 600}, JWT_SECRET, "HS256")
     headers = {"Authorization": f"Bearer {token}"}
