@@ -124,6 +124,7 @@ class QueueWorker:
         """Progress not yet recorded: ``{(job, attempt): (step, total)}``, latest only."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._denoised_at: dict[UUID, float] = {}
+        self._progress_flushing = asyncio.Lock()
         self._control = RunControl(
             is_cancelled=self._cancelled.__contains__, report_progress=self._report_progress
         )
@@ -202,6 +203,12 @@ class QueueWorker:
         a 6-image call at 30 steps/s costs the database a few statements a second."""
         while True:
             await asyncio.sleep(PROGRESS_INTERVAL_S)
+            await self._flush_progress()
+
+    async def _flush_progress(self) -> None:
+        """Record the progress kept so far. Serialized, so a flush that returns has every
+        earlier step recorded (and its event sent) before anything the caller does next."""
+        async with self._progress_flushing:
             pending, self._progress = self._progress, {}
             try:
                 await self._repository.record_progress(pending)
@@ -254,6 +261,9 @@ class QueueWorker:
             self._calls -= 1
             self._busy_units -= units
             self._wake.set()
+        # The call's last steps are recorded before its files: no progress event follows an
+        # asset event of the same job.
+        await self._flush_progress()
         await asyncio.gather(
             *(
                 self._finish(job, result, claimed_at)
