@@ -27,6 +27,22 @@ class Queue(StrEnum):
     WAN = "wan_queue"
 
 
+class ReferenceType(StrEnum):
+    """What an SDXL reference image steers: its style, its composition or a character."""
+
+    STYLE = "style"
+    COMPOSITION = "composition"
+    CHARACTER = "character"
+
+
+class StepCache(StrEnum):
+    """diffusers' step caches for WAN's transformer (opt-in per job type)."""
+
+    FIRST_BLOCK = "first_block"
+    MAG = "mag"
+    TAYLOR_SEER = "taylor_seer"
+
+
 SDXL_NUM_IMAGES = (1, 3, 6)
 WAN_FPS = 16
 WAN_SAMPLE_SOLVER = "unipc"

@@ -14,6 +14,8 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from ourvidz_serve.catalog import JOB_TYPES, ModelFamily, StepCache
+
 MIN_JWT_SECRET_BYTES = 32
 
 
@@ -43,6 +45,45 @@ class Settings(BaseSettings):
     wan_model_dir: Path | None = None
     qwen_model_dir: Path | None = None
     device: str = Field("auto", description="torch device for the models: auto, cpu, cuda, cuda:N")
+
+    sdxl_ip_adapter: Path | None = Field(
+        None,
+        description="A local IP-Adapter for SDXL (a diffusers-layout folder with the adapter "
+        "under sdxl_models/ and its image encoder), used by the 'style' and 'character' "
+        "reference types; unset, they run plain image-to-image. The weights profile loads it; "
+        "full-random builds the same architecture with random weights when it is set",
+    )
+    sdxl_ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
+
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of the GPU a deployment profile is planned for (`ourvidz-serve "
+        "plan`); replicas read the real figure from CUDA at start-up",
+    )
+    attention_backend: str | None = Field(
+        None,
+        description="diffusers attention backend for the UNet / transformer (e.g. 'flash', "
+        "'_flash_3', 'sage'); unset: PyTorch SDPA, which picks flash or memory-efficient "
+        "kernels itself",
+    )
+    channels_last: bool = Field(True, description="SDXL UNet in channels-last layout (CUDA)")
+    vae_slicing: bool = Field(
+        True, description="Decode a batch's latents one image at a time (SDXL, at 1024² x 6)"
+    )
+    vae_tiling: bool = Field(
+        False, description="Decode in overlapping tiles (SDXL and WAN); for sizes past 1024²"
+    )
+    torch_compile: bool = Field(
+        False,
+        description="torch.compile the UNet / transformer; replicas compile with a warm-up "
+        "call at start-up, before they are ready, so no job pays for it",
+    )
+    wan_step_cache: dict[str, StepCache] = Field(
+        default_factory=dict,
+        description="Step cache per WAN job type, as JSON, e.g. "
+        '{"video_fast": "first_block"}; off for every type by default',
+    )
 
     database_url: SecretStr | None = None
     data_dir: Path = Path("./.ourvidz")
@@ -180,6 +221,18 @@ class Settings(BaseSettings):
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):
             return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("wan_step_cache")
+    @classmethod
+    def _step_cache_for_wan_types(cls, value: dict[str, StepCache]) -> dict[str, StepCache]:
+        wan_types = {name for name, spec in JOB_TYPES.items() if spec.model is ModelFamily.WAN}
+        unknown = sorted(set(value) - wan_types)
+        if unknown:
+            raise ValueError(
+                f"wan_step_cache names {', '.join(unknown)}; WAN job types are "
+                f"{', '.join(sorted(wan_types))}"
+            )
         return value
 
     @model_validator(mode="after")

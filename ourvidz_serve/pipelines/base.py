@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Protocol
+
+from ourvidz_serve.catalog import ReferenceType, StepCache
 
 StepCallback = Callable[[int, int], None]
 """Called after each denoising step with (step, total_steps)."""
@@ -33,6 +36,7 @@ class ImageRequest:
     reference_image: bytes | None = None
     """Encoded reference image (PNG/JPEG/WebP); when set the image-to-image pipeline runs."""
     reference_strength: float = 0.7
+    reference_type: ReferenceType = ReferenceType.STYLE
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,8 @@ class VideoRequest:
     height: int
     num_frames: int
     fps: int = 16
+    step_cache: StepCache | None = None
+    """diffusers step cache on the transformer for this call (None: every step computed)."""
 
 
 @dataclass(frozen=True)
@@ -77,3 +83,11 @@ class EnhanceResult:
     enhanced_prompt: str
     used_fallback: bool
     warning: str | None = None
+    model: str | None = None
+    """The enhancer model that answered (None: no model answered)."""
+
+
+class Enhancer(Protocol):
+    """Whatever answers enhancement requests: the Enhancer deployment's handle, a runner."""
+
+    async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]: ...

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,8 @@ from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.tokenizers import qwen_tokenizer
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS, check_enhanced_prompt, enhancer_messages
 from ourvidz_serve.settings import ModelProfile, Settings
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 256
 """Room for a WAN video paragraph (up to ~180 words)."""
@@ -124,6 +127,13 @@ class QwenEnhancerRunner:
             TINY_MAX_NEW_TOKENS if profile is ModelProfile.TINY else DEFAULT_MAX_NEW_TOKENS
         )
         self._stop_ids = self._stop_token_ids()
+        self.acceleration: dict[str, Any] = {
+            "device": str(device),
+            "dtype": str(model.dtype).removeprefix("torch."),
+            # transformers' choice: SDPA where the model supports it, else eager.
+            "attention_backend": model.config._attn_implementation,
+            "batch_max_new_tokens": self.default_max_new_tokens,
+        }
         self._lock = threading.Lock()
 
     @classmethod
@@ -199,5 +209,30 @@ class QwenEnhancerRunner:
             if not finished and not check.used_fallback:
                 cut = f"enhancement stopped at max_new_tokens={limit} and may be cut short"
                 warning = f"{warning}; {cut}" if warning else cut
-            results.append(EnhanceResult(check.prompt, check.used_fallback, warning))
+            results.append(
+                EnhanceResult(check.prompt, check.used_fallback, warning, self.model_name)
+            )
         return results
+
+    def enhance_or_fallback(
+        self, requests: Sequence[EnhanceRequest], max_new_tokens: int | None = None
+    ) -> list[EnhanceResult]:
+        """``enhance``, but a failed ``generate`` returns each original prompt with a warning.
+
+        For a batch of already validated requests (the deployment validates each caller's
+        before it joins a batch): one caller's trouble must not fail its batch-mates' jobs,
+        and an enhancement is never worth failing a generation for.
+        """
+        try:
+            return self.enhance(requests, max_new_tokens)
+        except Exception as exc:
+            logger.exception(
+                "enhancement of %d prompts failed; returning them unchanged", len(requests)
+            )
+            warning = f"enhancement failed ({type(exc).__name__}: {exc}); original prompt used"
+            return [
+                EnhanceResult(
+                    r.prompt, used_fallback=True, warning=warning[:500], model=self.model_name
+                )
+                for r in requests
+            ]

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import io
+import logging
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.embeddings import ImageProjection
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
@@ -21,10 +25,24 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 )
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from huggingface_hub import snapshot_download
-from PIL import Image, UnidentifiedImageError
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
+from transformers import (
+    CLIPImageProcessor,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
 
+from ourvidz_serve.catalog import ReferenceType
 from ourvidz_serve.errors import InvalidRequest, ModelLoadError
+from ourvidz_serve.pipelines.accel import (
+    AccelerationOptions,
+    apply_acceleration,
+    check_attention_backend_name,
+    inference_dtype,
+)
 from ourvidz_serve.pipelines.base import (
     EncodedAsset,
     ImageRequest,
@@ -32,8 +50,11 @@ from ourvidz_serve.pipelines.base import (
 )
 from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.encode import encode_png
+from ourvidz_serve.pipelines.oom import OOMSplitter
 from ourvidz_serve.pipelines.tokenizers import clip_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings
+
+logger = logging.getLogger(__name__)
 
 MAX_STEPS = 200
 MAX_GUIDANCE = 30.0
@@ -143,6 +164,33 @@ TINY_TEXT_ENCODER_CONFIG: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
 }
 
+# The image encoder of h94/IP-Adapter's sdxl_models (OpenCLIP ViT-bigG/14's vision tower),
+# which ip-adapter_sdxl.safetensors projects from; written out so no download is needed.
+SDXL_IP_ADAPTER_IMAGE_ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_size": 1664,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 48,
+    "num_attention_heads": 16,
+    "image_size": 224,
+    "patch_size": 14,
+    "projection_dim": 1280,
+    "hidden_act": "gelu",
+    "layer_norm_eps": 1e-5,
+}
+# As diffusers' IP-Adapter tests, at 32x32 pixels in 4x4 patches to keep a step cheap.
+TINY_IMAGE_ENCODER_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 37,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "image_size": 32,
+    "patch_size": 4,
+    "projection_dim": 32,
+    "layer_norm_eps": 1e-5,
+}
+IP_ADAPTER_TOKENS = 4
+"""Image tokens of the original IP-Adapter (``proj`` maps one CLIP embedding to four)."""
+
 
 @dataclass(frozen=True)
 class SDXLConfigs:
@@ -150,13 +198,23 @@ class SDXLConfigs:
     vae: dict[str, Any]
     text_encoder: dict[str, Any]
     text_encoder_2: dict[str, Any]
+    image_encoder: dict[str, Any] | None = None
+    """CLIP vision config of the random IP-Adapter's image encoder; None: no adapter."""
 
 
 SDXL_BASE_CONFIGS = SDXLConfigs(
-    SDXL_UNET_CONFIG, SDXL_VAE_CONFIG, SDXL_TEXT_ENCODER_CONFIG, SDXL_TEXT_ENCODER_2_CONFIG
+    SDXL_UNET_CONFIG,
+    SDXL_VAE_CONFIG,
+    SDXL_TEXT_ENCODER_CONFIG,
+    SDXL_TEXT_ENCODER_2_CONFIG,
+    SDXL_IP_ADAPTER_IMAGE_ENCODER_CONFIG,
 )
 TINY_CONFIGS = SDXLConfigs(
-    TINY_UNET_CONFIG, TINY_VAE_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_TEXT_ENCODER_CONFIG
+    TINY_UNET_CONFIG,
+    TINY_VAE_CONFIG,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_TEXT_ENCODER_CONFIG,
+    TINY_IMAGE_ENCODER_CONFIG,
 )
 
 
@@ -243,6 +301,260 @@ def load_sdxl_pipeline(path: Path | None, dtype: torch.dtype) -> StableDiffusion
     return pipe
 
 
+# --- IP-Adapter -------------------------------------------------------------------------
+
+
+@dataclass
+class RandomIPAdapter:
+    """An IP-Adapter in h94/IP-Adapter's checkpoint layout, with its image encoder."""
+
+    state_dict: dict[str, dict[str, torch.Tensor]]
+    image_encoder: CLIPVisionModelWithProjection
+    feature_extractor: CLIPImageProcessor
+
+
+def build_random_ip_adapter(
+    unet: UNet2DConditionModel,
+    image_encoder_config: dict[str, Any],
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 1,
+) -> RandomIPAdapter:
+    """A random original IP-Adapter (4 image tokens) for ``unet``, as diffusers' tests build one.
+
+    The keys are those of ``ip-adapter_sdxl.safetensors``: ``image_proj`` (``proj``, ``norm``)
+    and ``ip_adapter`` (``{n}.to_k_ip`` / ``{n}.to_v_ip`` for the n-th cross-attention, n odd),
+    so ``load_ip_adapter`` converts it exactly as it converts the published weights.
+    """
+    config = CLIPVisionConfig(**image_encoder_config)
+    ip_layers: dict[str, torch.Tensor] = {}
+    with random_init(device, dtype, seed):
+        image_encoder = CLIPVisionModelWithProjection(config).eval()
+        projection = ImageProjection(
+            image_embed_dim=config.projection_dim,
+            cross_attention_dim=unet.config["cross_attention_dim"],
+            num_image_text_embeds=IP_ADAPTER_TOKENS,
+        )
+        key_id = 1  # diffusers numbers the UNet's attention layers 0, 1, ...; cross ones are odd
+        for name in unet.attn_processors:
+            if name.endswith("attn1.processor"):
+                continue
+            # The adapter's keys and values project like the layer's text ones.
+            to_k = unet.get_submodule(name.replace(".processor", ".to_k"))
+            assert isinstance(to_k, torch.nn.Linear)
+            for kind in ("to_k_ip", "to_v_ip"):
+                layer = torch.nn.Linear(to_k.in_features, to_k.out_features, bias=False)
+                ip_layers[f"{key_id}.{kind}.weight"] = layer.weight.detach()
+            key_id += 2
+    image_proj = {
+        "proj.weight": projection.image_embeds.weight.detach(),
+        "proj.bias": projection.image_embeds.bias.detach(),
+        "norm.weight": projection.norm.weight.detach(),
+        "norm.bias": projection.norm.bias.detach(),
+    }
+    processor = CLIPImageProcessor(size=config.image_size, crop_size=config.image_size)
+    return RandomIPAdapter(
+        {"image_proj": image_proj, "ip_adapter": ip_layers}, image_encoder, processor
+    )
+
+
+def attach_ip_adapter(pipe: StableDiffusionXLPipeline, adapter: RandomIPAdapter) -> None:
+    """Load ``adapter`` into ``pipe``'s UNet through diffusers' own ``load_ip_adapter``."""
+    pipe.register_modules(
+        image_encoder=adapter.image_encoder, feature_extractor=adapter.feature_extractor
+    )
+    # diffusers annotates a flat dict; it takes the nested {"image_proj", "ip_adapter"} one.
+    state_dict: Any = adapter.state_dict
+    pipe.load_ip_adapter(state_dict, subfolder="", weight_name="")
+
+
+def load_ip_adapter_weights(pipe: StableDiffusionXLPipeline, path: Path, weight_name: str) -> None:
+    """An IP-Adapter from a local copy of h94/IP-Adapter (offline): ``sdxl_models/{weight_name}``
+    with the image encoder it was trained on (ViT-H under ``models/`` for ``*vit-h*``)."""
+    weights = path / "sdxl_models" / weight_name
+    encoder = (
+        "models/image_encoder" if "vit-h" in weight_name.lower() else "sdxl_models/image_encoder"
+    )
+    if not weights.is_file():
+        raise ModelLoadError(
+            f"IP-Adapter weights {weights} do not exist (OURVIDZ_SDXL_IP_ADAPTER, "
+            "OURVIDZ_SDXL_IP_ADAPTER_WEIGHT_NAME); unset OURVIDZ_SDXL_IP_ADAPTER to run the "
+            "'style' and 'character' references as plain image-to-image"
+        )
+    if not (path / encoder).is_dir():
+        raise ModelLoadError(f"the IP-Adapter's image encoder {path / encoder} does not exist")
+    try:
+        pipe.load_ip_adapter(
+            str(path),
+            subfolder="sdxl_models",
+            weight_name=weight_name,
+            image_encoder_folder=encoder,
+            local_files_only=True,
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the IP-Adapter from {weights}: {exc}") from exc
+
+
+def has_ip_adapter(unet: UNet2DConditionModel) -> bool:
+    """Whether an IP-Adapter is loaded (the UNet then needs image embeddings on every call)."""
+    # load_ip_adapter sets the frozen config's attribute, not its item: read it as the UNet does.
+    hid_type = getattr(unet.config, "encoder_hid_dim_type", None)
+    return unet.encoder_hid_proj is not None and hid_type == "ip_image_proj"
+
+
+def instant_style_scale(unet: UNet2DConditionModel, scale: float) -> dict[str, Any]:
+    """``scale`` on InstantStyle's style layer only: the second attention of the first up block.
+
+    That layer carries colour and texture; the layout layers (down blocks) get nothing, so the
+    reference's composition does not leak in (Wang et al., InstantStyle, 2024).
+    """
+    first_up = next(i for i, block in enumerate(unet.up_blocks) if hasattr(block, "attentions"))
+    per_layer = [0.0] * (unet.config["layers_per_block"] + 1)
+    per_layer[min(1, len(per_layer) - 1)] = scale
+    return {"up": {f"block_{first_up}": per_layer}}
+
+
+class SDXLReferencePipeline(StableDiffusionXLImg2ImgPipeline):
+    """SDXL image-to-image whose IP-Adapter images are one per prompt.
+
+    diffusers gives every prompt of a batch all of ``ip_adapter_image``; here
+    ``ip_adapter_image[k][i]`` is adapter k's image for prompt i, so requests with different
+    references share one batched call. Precomputed ``ip_adapter_image_embeds`` keep
+    diffusers' meaning (shared by the batch).
+    """
+
+    def prepare_ip_adapter_image_embeds(
+        self,
+        ip_adapter_image: Any,
+        ip_adapter_image_embeds: Any,
+        device: torch.device,
+        num_images_per_prompt: int,
+        do_classifier_free_guidance: bool,
+    ) -> list[torch.Tensor]:
+        if ip_adapter_image_embeds is not None:
+            return super().prepare_ip_adapter_image_embeds(
+                ip_adapter_image,
+                ip_adapter_image_embeds,
+                device,
+                num_images_per_prompt,
+                do_classifier_free_guidance,
+            )
+        layers = self.unet.encoder_hid_proj.image_projection_layers
+        if len(ip_adapter_image) != len(layers):
+            raise ValueError(f"{len(ip_adapter_image)} image lists for {len(layers)} IP-Adapters")
+        embeds = []
+        # The caller passes batch_size x num_images_per_prompt here: one image per output.
+        for images, layer in zip(ip_adapter_image, layers, strict=True):
+            if len(images) != num_images_per_prompt:
+                raise ValueError(
+                    f"{len(images)} IP-Adapter images for {num_images_per_prompt} prompts"
+                )
+            hidden_states = not isinstance(layer, ImageProjection)
+            positive, negative = self.encode_image(images, device, 1, hidden_states)
+            positive, negative = positive[:, None], negative[:, None]  # one image per prompt
+            if do_classifier_free_guidance:
+                positive = torch.cat([negative, positive])
+            embeds.append(positive.to(device))
+        return embeds
+
+
+# --- Reference types ----------------------------------------------------------------------
+
+
+class Framing(StrEnum):
+    LETTERBOX = "letterbox"
+    """The whole reference, scaled to fit, centred on bars of its own mean colour."""
+    COVER = "cover"
+    """Scaled to cover the output, the overflow cropped evenly from both sides."""
+
+
+@dataclass(frozen=True)
+class ReferenceMode:
+    """How one reference type steers SDXL: framing, img2img strength and IP-Adapter weight."""
+
+    framing: Framing
+    bleed: float
+    """Fraction cut from every edge before framing; > 0 frames a centred subject larger."""
+    denoise: tuple[float, float]
+    """img2img strength at reference_strength 0 and at 1, linear in between (the second is
+    lower: a stronger reference leaves less to redraw)."""
+    ip_adapter_scale: float
+    """IP-Adapter weight when one is loaded; 0: the adapter is off for this type."""
+    ip_adapter_style_only: bool = False
+    """Weight only InstantStyle's style layer (colour, texture), not the layout layers."""
+
+    def denoising_strength(self, reference_strength: float) -> float:
+        low, high = self.denoise
+        return low + (high - low) * reference_strength
+
+    def denoising_steps(self, steps: int, reference_strength: float) -> int:
+        """Steps diffusers' SDXL img2img runs: ``int(steps x strength)`` (``get_timesteps``)."""
+        return min(int(steps * self.denoising_strength(reference_strength)), steps)
+
+    def frame(self, image: Image.Image, size: tuple[int, int]) -> Image.Image:
+        """The reference at the output ``size`` (width, height), framed for this type."""
+        if self.framing is Framing.LETTERBOX:
+            fitted = ImageOps.contain(image, size, Image.Resampling.LANCZOS)
+            mean = ImageStat.Stat(image).mean
+            fill = (round(mean[0]), round(mean[1]), round(mean[2]))
+            canvas = Image.new("RGB", size, fill)
+            canvas.paste(fitted, ((size[0] - fitted.width) // 2, (size[1] - fitted.height) // 2))
+            return canvas
+        return ImageOps.fit(image, size, Image.Resampling.LANCZOS, bleed=self.bleed)
+
+    def adapter_scale(self, unet: UNet2DConditionModel) -> float | dict[str, Any]:
+        """The argument for ``set_ip_adapter_scale`` while this type runs."""
+        if self.ip_adapter_style_only:
+            return instant_style_scale(unet, self.ip_adapter_scale)
+        return self.ip_adapter_scale
+
+
+REFERENCE_MODES: dict[ReferenceType, ReferenceMode] = {
+    ReferenceType.COMPOSITION: ReferenceMode(
+        framing=Framing.LETTERBOX, bleed=0.0, denoise=(1.0, 0.3), ip_adapter_scale=0.0
+    ),
+    ReferenceType.STYLE: ReferenceMode(
+        framing=Framing.COVER,
+        bleed=0.0,
+        denoise=(1.0, 0.6),
+        ip_adapter_scale=1.0,
+        ip_adapter_style_only=True,
+    ),
+    ReferenceType.CHARACTER: ReferenceMode(
+        framing=Framing.COVER, bleed=0.1, denoise=(1.0, 0.4), ip_adapter_scale=0.8
+    ),
+}
+"""What each ``reference_type`` does with the reference image (s = ``reference_strength``).
+
+``reference_strength`` is how strongly the reference steers the image, as a user reads a
+"reference strength" slider: 0.1 barely, 1.0 the most a type allows. Each type maps it
+linearly to diffusers' img2img strength (the share of the noise schedule re-run over the
+reference), ``denoise[0] + (denoise[1] - denoise[0]) x s``, from 1.0 (everything redrawn)
+down to the type's floor; diffusers then runs ``int(steps x strength)`` denoising steps.
+
+- ``composition``: the whole reference is kept: scaled to fit the output and letterboxed on
+  bars of its mean colour (no new structure for the model to copy); img2img at 1 - 0.7 s
+  (0.93..0.3, 0.51 at the default 0.7), the lowest floor of the three, so at high s the
+  layout survives. No IP-Adapter: its tokens would pull the reference's content in too.
+- ``style``: centre-cropped to cover the output; img2img at 1 - 0.4 s (0.96..0.6, 0.72 at
+  0.7): always enough noise that the layout is redrawn from the prompt while the palette and
+  texture of the initial latents carry over. With an IP-Adapter, weight 1.0 on
+  InstantStyle's style layer only, which carries colour and texture, not layout.
+- ``character``: cropped on the subject, which references usually centre: 10 % cut from
+  every edge, then covered, so the subject fills more of the frame; img2img at 1 - 0.6 s
+  (0.94..0.4, 0.58 at 0.7) to keep its appearance. With an IP-Adapter, weight 0.8 on every
+  layer: identity and content of the subject, the prompt still steering the scene.
+
+Without an IP-Adapter (``OURVIDZ_SDXL_IP_ADAPTER`` unset) style and character differ by
+framing and strength only. The tiny profile always builds a small random one, so that its code
+path runs everywhere; full-random builds ip-adapter_sdxl's architecture (4.4 GB in float16)
+when ``OURVIDZ_SDXL_IP_ADAPTER`` is set, as the weights deployment it stands in for would.
+"""
+
+
+# --- Runner ------------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class _Prepared:
     index: int
@@ -250,27 +562,36 @@ class _Prepared:
     width: int
     height: int
     reference: Image.Image | None
+    """The reference framed at the output size for ``mode``; None for text-to-image."""
+    mode: ReferenceMode | None
+
+    @property
+    def strength(self) -> float | None:
+        """The img2img strength for this request's reference type."""
+        if self.mode is None:
+            return None
+        return self.mode.denoising_strength(self.request.reference_strength)
 
     @property
     def group_key(self) -> tuple[object, ...]:
         """Requests with equal keys run as one batched pipeline call."""
         r = self.request
-        strength = r.reference_strength if self.reference is not None else None
+        reference_type = r.reference_type if self.reference is not None else None
         return (
             r.steps,
             r.guidance_scale,
             self.width,
             self.height,
-            self.reference is not None,
-            strength,
+            reference_type,
+            self.strength,
             r.negative_prompt is None,
         )
 
     @property
     def denoising_steps(self) -> int:
-        if self.reference is None:
+        if self.mode is None:
             return self.request.steps
-        return min(int(self.request.steps * self.request.reference_strength), self.request.steps)
+        return self.mode.denoising_steps(self.request.steps, self.request.reference_strength)
 
 
 def _decode_reference(data: bytes, index: int) -> Image.Image:
@@ -288,6 +609,38 @@ def _decode_reference(data: bytes, index: int) -> Image.Image:
         ) from exc
 
 
+class _GroupProgress:
+    """Reports one group's denoising steps to ``on_step`` as steps of the whole call.
+
+    Without a split every step is reported once: ``offset + 1 .. offset + steps``. After an
+    out-of-memory split the halves re-run the steps one after the other, and the group then
+    advances by its share of image-steps done (``(finished x steps + running x step) //
+    size``): still one report per step run (cancellation is checked as often), never lower
+    than an earlier report, ending at ``offset + steps``; ``total`` never changes.
+    """
+
+    def __init__(
+        self, on_step: StepCallback | None, offset: int, total: int, steps: int, size: int
+    ) -> None:
+        self._on_step = on_step
+        self._offset, self._total, self._steps, self._size = offset, total, steps, size
+        self._finished = 0
+        self._reported = 0
+
+    def step(self, running: int, step: int) -> None:
+        done = (self._finished * self._steps + running * step) // self._size
+        self._reported = max(self._reported, done)
+        if self._on_step is not None:
+            self._on_step(self._offset + self._reported, self._total)
+
+    def finish(self, images: int) -> None:
+        self._finished += images
+
+
+WARM_UP_SIZE = (1024, 1024)
+"""Requested size of the warm-up calls: the job types' size (the tiny profile's native one)."""
+
+
 class SDXLPipelineRunner:
     """Batched SDXL generation; one image's pixels depend only on its own request."""
 
@@ -297,39 +650,111 @@ class SDXLPipelineRunner:
         *,
         profile: ModelProfile,
         device: torch.device,
+        acceleration: AccelerationOptions | None = None,
     ) -> None:
         self.profile = profile
         self.device = device
         self.pipe = pipe.to(device)
         self.pipe.set_progress_bar_config(disable=True)
-        self.img2img = StableDiffusionXLImg2ImgPipeline(
+        self.img2img = SDXLReferencePipeline(
             **self.pipe.components,
             force_zeros_for_empty_prompt=self.pipe.config["force_zeros_for_empty_prompt"],
             add_watermarker=False,
         )
         self.img2img.set_progress_bar_config(disable=True)
-        # Both pipelines share one scheduler and VAE (whose dtype the pipelines switch).
+        # Both pipelines share one scheduler, UNet and VAE (whose dtype the pipelines switch).
         self._lock = threading.Lock()
+        self._vae_dtype = self.pipe.vae.dtype
+        self.ip_adapter = has_ip_adapter(self.pipe.unet)
+        self._ip_embedding: tuple[torch.Size, torch.dtype] | None = None
+        if self.ip_adapter:
+            self._ip_embedding = self._probe_ip_embedding()
+        self.oom = OOMSplitter("SDXL")
+        """Out-of-memory splits of this runner's pipeline calls (``splits``, ``exhausted``)."""
+        self.acceleration = apply_acceleration(
+            self.pipe, self.pipe.unet, acceleration or AccelerationOptions(), device
+        )
+        """What dtype, attention, layout, VAE and compile settings this runner applied."""
+        self.acceleration["warm_up_s"] = None
 
     @classmethod
-    def build(cls, settings: Settings) -> SDXLPipelineRunner:
+    def build(cls, settings: Settings, *, compile_backend: str = "inductor") -> SDXLPipelineRunner:
+        """The runner of ``settings.model_profile``, accelerated and, compiled or on CUDA, warm."""
+        check_attention_backend_name(settings.attention_backend)  # before minutes of loading
         device = resolve_device(settings.device)
         # On CUDA the VAE stays float16 with force_upcast: diffusers decodes in float32.
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
+        dtype = inference_dtype(device, torch.float16)
         profile = settings.model_profile
-        if profile is ModelProfile.TINY:
-            pipe = build_random_sdxl_pipeline(TINY_CONFIGS, device, dtype)
-        elif profile is ModelProfile.FULL_RANDOM:
-            pipe = build_random_sdxl_pipeline(SDXL_BASE_CONFIGS, device, dtype)
-        else:
+        if profile is ModelProfile.WEIGHTS:
             pipe = load_sdxl_pipeline(settings.sdxl_checkpoint, dtype)
-        return cls(pipe, profile=profile, device=device)
+            if settings.sdxl_ip_adapter is not None:
+                load_ip_adapter_weights(
+                    pipe, settings.sdxl_ip_adapter, settings.sdxl_ip_adapter_weight_name
+                )
+        else:
+            configs = TINY_CONFIGS if profile is ModelProfile.TINY else SDXL_BASE_CONFIGS
+            pipe = build_random_sdxl_pipeline(configs, device, dtype)
+            # Full-random matches the footprint of the weights deployment it stands in for
+            # (and the memory plan): an adapter only where one is configured.
+            with_adapter = profile is ModelProfile.TINY or settings.sdxl_ip_adapter is not None
+            if with_adapter and configs.image_encoder is not None:
+                adapter = build_random_ip_adapter(pipe.unet, configs.image_encoder, device, dtype)
+                attach_ip_adapter(pipe, adapter)
+        options = AccelerationOptions.from_settings(settings, compile_backend=compile_backend)
+        runner = cls(pipe, profile=profile, device=device, acceleration=options)
+        if runner.acceleration["compiled"] or device.type == "cuda":
+            runner.warm_up()
+        return runner
 
     def output_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) of the produced image: the tiny profile's native size, else as asked."""
         if self.profile is ModelProfile.TINY:
             return TINY_SIZE
         return width, height
+
+    def warm_up(self) -> float:
+        """Run every kind of call once so compiling and kernel tuning happen before traffic.
+
+        Text-to-image with one and three images, and each reference type with three:
+        compiled code is specialised on the IP-Adapter weights, which differ per type. Three,
+        not two: two images under guidance make a batch of 4, the adapter's token count, and
+        Dynamo would tie the two sizes together and recompile for every other batch size.
+        Returns the seconds taken.
+        """
+        width, height = WARM_UP_SIZE
+        gradient = np.linspace(0, 255, 64, dtype=np.uint8)
+        pixels = np.stack(np.broadcast_arrays(gradient[None, :], gradient[:, None], 128), axis=-1)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
+
+        def request(seed: int, **changes: Any) -> ImageRequest:
+            fields: dict[str, Any] = {
+                "prompt": "warm-up",
+                "negative_prompt": "warm-up",
+                "seed": seed,
+                "steps": 2,
+                "guidance_scale": 5.0,
+                "width": width,
+                "height": height,
+            }
+            return ImageRequest(**(fields | changes))
+
+        batches = [[request(0)], [request(seed) for seed in range(3)]]
+        for reference_type in REFERENCE_MODES:
+            reference = {
+                "reference_image": buffer.getvalue(),
+                # The weakest reference: the most denoising, so two steps still run one.
+                "reference_strength": 0.1,
+                "reference_type": reference_type,
+            }
+            batches.append([request(seed, **reference) for seed in range(3)])
+        started = time.perf_counter()
+        for batch in batches:
+            self.generate(batch)
+        elapsed = time.perf_counter() - started
+        self.acceleration["warm_up_s"] = round(elapsed, 3)
+        logger.info("SDXL warm-up: %d calls in %.1f s", len(batches), elapsed)
+        return elapsed
 
     def _prepare(self, index: int, request: ImageRequest) -> _Prepared:
         if not isinstance(request.prompt, str) or not request.prompt.strip():
@@ -344,17 +769,24 @@ class SDXLPipelineRunner:
                     f"request {index}: {name} must be a multiple of 8 in {MIN_SIZE}..{MAX_SIZE}"
                 )
         width, height = self.output_size(request.width, request.height)
-        reference = None
-        if request.reference_image is not None:
-            if not 0.0 < request.reference_strength <= 1.0:
-                raise InvalidRequest(f"request {index}: reference_strength must be in (0, 1]")
-            if int(request.steps * request.reference_strength) < 1:
-                raise InvalidRequest(
-                    f"request {index}: steps x reference_strength leaves no denoising step"
-                )
-            image = _decode_reference(request.reference_image, index)
-            reference = image.resize((width, height), Image.Resampling.LANCZOS)
-        return _Prepared(index, request, width, height, reference)
+        if request.reference_image is None:
+            return _Prepared(index, request, width, height, None, None)
+        mode = REFERENCE_MODES.get(request.reference_type)
+        if mode is None:
+            known = ", ".join(REFERENCE_MODES)
+            raise InvalidRequest(
+                f"request {index}: reference_type {request.reference_type!r} is not one of {known}"
+            )
+        if not 0.0 < request.reference_strength <= 1.0:
+            raise InvalidRequest(f"request {index}: reference_strength must be in (0, 1]")
+        if mode.denoising_steps(request.steps, request.reference_strength) < 1:
+            raise InvalidRequest(
+                f"request {index}: {request.steps} steps at a {request.reference_type} "
+                f"reference_strength of {request.reference_strength} leave no denoising step "
+                f"(img2img strength {mode.denoising_strength(request.reference_strength):.2f})"
+            )
+        image = _decode_reference(request.reference_image, index)
+        return _Prepared(index, request, width, height, mode.frame(image, (width, height)), mode)
 
     def validate(self, requests: Sequence[ImageRequest]) -> None:
         """Raise InvalidRequest for any request ``generate`` would reject (no model time)."""
@@ -367,7 +799,8 @@ class SDXLPipelineRunner:
         """PNG images in request order, one batched pipeline call per group of compatible requests.
 
         Every request is validated before any model time. ``on_step(done, total)`` counts
-        denoising steps over all groups of this call; an exception it raises aborts the call.
+        denoising steps over all groups of this call (see ``_GroupProgress`` for a call split
+        after running out of GPU memory); an exception it raises aborts the call.
         """
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
         groups: dict[tuple[object, ...], list[_Prepared]] = {}
@@ -378,40 +811,53 @@ class SDXLPipelineRunner:
         done = 0
         with self._lock, torch.inference_mode():
             for group in groups.values():
-                images = self._run_group(group, on_step, done, total)
-                done += group[0].denoising_steps
+                steps = group[0].denoising_steps
+                progress = _GroupProgress(on_step, done, total, steps, len(group))
+                images = self._run_group(group, progress)
+                done += steps
                 pixels.update(
                     (item.index, image) for item, image in zip(group, images, strict=True)
                 )
+        # The record states what was produced: each image's own shape, not the request's.
         return [
             EncodedAsset(
                 data=encode_png(pixels[item.index]),
                 mime_type="image/png",
                 seed=item.request.seed,
-                width=item.width,
-                height=item.height,
+                width=int(pixels[item.index].shape[1]),
+                height=int(pixels[item.index].shape[0]),
             )
             for item in prepared
         ]
 
-    def _run_group(
-        self, group: list[_Prepared], on_step: StepCallback | None, done: int, total: int
-    ) -> np.ndarray:
+    def _run_group(self, group: list[_Prepared], progress: _GroupProgress) -> list[np.ndarray]:
+        """One pipeline call for ``group``, split in halves while the GPU runs out of memory.
+
+        Every image has its own generator, re-seeded for each try, so a split changes no pixel.
+        """
         first = group[0]
+        return self.oom.run(
+            group,
+            lambda items: self._call(items, progress),
+            unit=f"{first.width}x{first.height} image",
+            restore=self._restore_after_oom,
+        )
+
+    def _call(self, items: Sequence[_Prepared], progress: _GroupProgress) -> list[np.ndarray]:
+        first = items[0]
         negatives = None
         if first.request.negative_prompt is not None:
-            negatives = [item.request.negative_prompt or "" for item in group]
+            negatives = [item.request.negative_prompt or "" for item in items]
         generators = [
-            torch.Generator(device=self.device).manual_seed(item.request.seed) for item in group
+            torch.Generator(device=self.device).manual_seed(item.request.seed) for item in items
         ]
 
         def callback(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
-            if on_step is not None:
-                on_step(done + step + 1, total)
+            progress.step(len(items), step + 1)
             return {}
 
         common: dict[str, Any] = {
-            "prompt": [item.request.prompt for item in group],
+            "prompt": [item.request.prompt for item in items],
             "negative_prompt": negatives,
             "num_inference_steps": first.request.steps,
             "guidance_scale": first.request.guidance_scale,
@@ -419,12 +865,45 @@ class SDXLPipelineRunner:
             "output_type": "np",
             "callback_on_step_end": callback,
         }
-        if first.reference is None:
+        if self.ip_adapter:
+            common |= self._ip_adapter_arguments(items)
+        if first.mode is None:
             output = self.pipe(width=first.width, height=first.height, **common)
         else:
             output = self.img2img(
-                image=[item.reference for item in group],
-                strength=first.request.reference_strength,
-                **common,
+                image=[item.reference for item in items], strength=first.strength, **common
             )
-        return np.asarray(output.images)
+        progress.finish(len(items))
+        return list(output.images)
+
+    def _ip_adapter_arguments(self, items: Sequence[_Prepared]) -> dict[str, Any]:
+        """Set the adapter's weights for this call's reference type; its pipeline arguments.
+
+        Once loaded, the UNet needs image embeddings on every call: calls without the adapter
+        get zeros at weight 0, which diffusers' processors skip.
+        """
+        mode = items[0].mode
+        if mode is not None and mode.ip_adapter_scale > 0:
+            self.pipe.set_ip_adapter_scale(mode.adapter_scale(self.pipe.unet))
+            return {"ip_adapter_image": [[item.reference for item in items]]}
+        self.pipe.set_ip_adapter_scale(0.0)
+        assert self._ip_embedding is not None
+        shape, dtype = self._ip_embedding
+        # diffusers splits precomputed embeddings into (negative, positive) under guidance.
+        guided = items[0].request.guidance_scale > 1
+        zeros = torch.zeros((2 if guided else 1, 1, *shape), dtype=dtype, device=self.device)
+        return {"ip_adapter_image_embeds": [zeros]}
+
+    def _probe_ip_embedding(self) -> tuple[torch.Size, torch.dtype]:
+        """Shape and dtype of one image's embedding as the adapter's projection expects it."""
+        layer = self.pipe.unet.encoder_hid_proj.image_projection_layers[0]
+        hidden_states = not isinstance(layer, ImageProjection)
+        with torch.inference_mode():
+            embedding, _ = self.img2img.encode_image(
+                Image.new("RGB", (64, 64)), self.device, 1, hidden_states
+            )
+        return embedding.shape[1:], embedding.dtype
+
+    def _restore_after_oom(self) -> None:
+        # A call that failed while decoding leaves a force_upcast VAE in float32.
+        self.pipe.vae.to(dtype=self._vae_dtype)

@@ -1,9 +1,12 @@
 """Tokenizers built in code for the ``tiny`` and ``full-random`` profiles (nothing is downloaded).
 
-Each is a byte-level BPE trained in milliseconds on a fixed English corpus, so every
-replica builds the same vocabulary, any text encodes (byte fallback) and token counts are
-in the range of the real tokenizers. They are wrapped as ``PreTrainedTokenizerFast`` with
-the special tokens and call conventions of the tokenizer each pipeline expects:
+Each is a byte-level BPE trained on a fixed English corpus, so any text encodes (byte
+fallback) and token counts are in the range of the real tokenizers. The trained tokenizers
+ship as small JSON files beside this module (``tokenizer_files/``), so a replica loads them
+instead of training at start-up; ``python -m ourvidz_serve.pipelines.tokenizers`` rewrites
+them after a change to the corpus, and a test checks that they equal a fresh training.
+They are wrapped as ``PreTrainedTokenizerFast`` with the special tokens and call
+conventions of the tokenizer each pipeline expects:
 
 - :func:`clip_tokenizer`: CLIP (SDXL): lower-cased, ``<|startoftext|> ... <|endoftext|>``,
   ``model_max_length`` 77, padded with ``<|endoftext|>``.
@@ -14,6 +17,7 @@ the special tokens and call conventions of the tokenizer each pipeline expects:
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers.trainers import BpeTrainer
@@ -85,9 +89,12 @@ def _train(
     return tokenizer.to_str()
 
 
-@cache
-def _trained(kind: str) -> str:
-    """The serialized backend tokenizer of one kind (trained once per process)."""
+TOKENIZER_KINDS = ("clip", "t5", "qwen")
+TOKENIZER_FILES = Path(__file__).with_name("tokenizer_files")
+
+
+def train_tokenizer(kind: str) -> str:
+    """Train one kind's backend tokenizer from the corpus; its serialized JSON."""
     if kind == "clip":
         norm = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])
         return _train([CLIP_BOS, CLIP_EOS], norm, lowercase_corpus=True)
@@ -99,8 +106,25 @@ def _trained(kind: str) -> str:
     raise ValueError(f"unknown tokenizer kind {kind!r}")
 
 
+def write_tokenizer_files(directory: Path = TOKENIZER_FILES) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind in TOKENIZER_KINDS:
+        path = directory / f"{kind}.json"
+        path.write_text(train_tokenizer(kind))
+        paths.append(path)
+    return paths
+
+
+@cache
+def _shipped(kind: str) -> str:
+    if kind not in TOKENIZER_KINDS:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    return (TOKENIZER_FILES / f"{kind}.json").read_text()
+
+
 def _backend(kind: str) -> Tokenizer:
-    return Tokenizer.from_str(_trained(kind))
+    return Tokenizer.from_str(_shipped(kind))
 
 
 def clip_tokenizer(model_max_length: int = 77) -> PreTrainedTokenizerFast:
@@ -152,3 +176,8 @@ def qwen_tokenizer(model_max_length: int = 32768) -> PreTrainedTokenizerFast:
         model_max_length=model_max_length,
         padding_side="left",
     )
+
+
+if __name__ == "__main__":
+    for written in write_tokenizer_files():
+        print(f"wrote {written} ({written.stat().st_size} bytes)")

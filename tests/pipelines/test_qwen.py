@@ -123,7 +123,13 @@ def test_weights_profile_loads_a_local_model_folder(
 
     assert loaded.model_name == "Qwen2.5-tiny"
     assert loaded.tokenizer.padding_side == "left"
-    assert loaded.enhance(REQUESTS, max_new_tokens=8) == runner.enhance(REQUESTS, max_new_tokens=8)
+
+    def texts(results: list) -> list[tuple[str, bool]]:
+        return [(r.enhanced_prompt, r.used_fallback) for r in results]
+
+    assert texts(loaded.enhance(REQUESTS, max_new_tokens=8)) == texts(
+        runner.enhance(REQUESTS, max_new_tokens=8)
+    )
 
 
 def test_full_random_config_is_qwen25_7b_instruct() -> None:
@@ -133,3 +139,23 @@ def test_full_random_config_is_qwen25_7b_instruct() -> None:
     assert model.config.vocab_size == 152_064
     assert not model.config.tie_word_embeddings
     assert model.dtype == torch.bfloat16
+
+
+def test_a_failed_generate_returns_every_original_prompt_with_the_reason(
+    runner: QwenEnhancerRunner,
+) -> None:
+    def fail(module: torch.nn.Module, args: object) -> None:
+        raise RuntimeError("injected forward failure")
+
+    hook = runner.model.register_forward_pre_hook(fail)
+    try:
+        results = runner.enhance_or_fallback(REQUESTS)
+    finally:
+        hook.remove()
+    assert [r.enhanced_prompt for r in results] == [r.prompt for r in REQUESTS]
+    assert all(r.used_fallback and "injected forward failure" in (r.warning or "") for r in results)
+    assert all(r.model == "qwen2-tiny-random" for r in results)
+
+
+def test_results_name_the_model_that_answered(runner: QwenEnhancerRunner) -> None:
+    assert {r.model for r in runner.enhance_or_fallback(REQUESTS)} == {"qwen2-tiny-random"}

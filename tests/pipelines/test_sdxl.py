@@ -4,22 +4,27 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from ourvidz_serve.catalog import ReferenceType
 from ourvidz_serve.errors import InvalidRequest, ModelLoadError
 from ourvidz_serve.pipelines.base import ImageRequest
 from ourvidz_serve.pipelines.encode import decode_png
 from ourvidz_serve.pipelines.sdxl import (
+    REFERENCE_MODES,
     SDXL_BASE_CONFIGS,
+    TINY_CONFIGS,
     SDXLPipelineRunner,
     build_random_sdxl_pipeline,
 )
 from ourvidz_serve.pipelines.tokenizers import clip_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings
+from tests.pipelines.sdxl_support import image_request
 
 STEPS = 4
 
@@ -29,18 +34,9 @@ def runner() -> SDXLPipelineRunner:
     return SDXLPipelineRunner.build(Settings(device="cpu"))
 
 
-def request(seed: int, prompt: str = "a lighthouse at dusk", **changes: object) -> ImageRequest:
-    fields: dict = {
-        "prompt": prompt,
-        "negative_prompt": "blurry, lowres",
-        "seed": seed,
-        "steps": STEPS,
-        "guidance_scale": 6.0,
-        "width": 1024,
-        "height": 1024,
-    }
-    fields.update(changes)
-    return ImageRequest(**fields)
+def request(seed: int, prompt: str = "a lighthouse at dusk", **changes: Any) -> ImageRequest:
+    changes.setdefault("negative_prompt", "blurry, lowres")
+    return image_request(seed, prompt, **{"steps": STEPS, **changes})
 
 
 def reference_png(color: tuple[int, int, int], size: tuple[int, int] = (80, 60)) -> bytes:
@@ -90,7 +86,8 @@ def test_mixed_batch_returns_images_in_request_order_each_as_if_alone(
     batched = runner.generate(requests, on_step=lambda step, total: progress.append((step, total)))
     alone = [runner.generate([r])[0] for r in requests]
 
-    expected_total = STEPS + int(STEPS * 0.5) + (STEPS + 2) + STEPS
+    style_steps = REFERENCE_MODES[ReferenceType.STYLE].denoising_steps(STEPS, 0.5)
+    expected_total = STEPS + style_steps + (STEPS + 2) + STEPS
     assert [step for step, _ in progress] == list(range(1, expected_total + 1))
     assert {total for _, total in progress} == {expected_total}
     assert [a.seed for a in batched] == [1, 2, 3, 4, 5]
@@ -133,8 +130,9 @@ def test_image_to_image_runs_img2img_and_differs_from_text_to_image(
     from_blue = runner.generate([blue_ref])[0]
     text_only = runner.generate([request(11)])[0]
 
-    # img2img denoises only the last steps x strength steps.
-    assert progress[-1] == (int(STEPS * strength), int(STEPS * strength))
+    # img2img denoises only the last steps x strength steps, at the default type's strength.
+    steps = REFERENCE_MODES[ReferenceType.STYLE].denoising_steps(STEPS, strength)
+    assert progress == [(step, steps) for step in range(1, steps + 1)]
     assert max_diff(from_red.data, text_only.data) > 10
     assert max_diff(from_red.data, from_blue.data) > 10, "the output depends on the reference"
     assert (from_red.width, from_red.height) == runner.output_size(1024, 1024)
@@ -190,17 +188,18 @@ def test_weights_profile_with_unreadable_single_file_raises_model_load_error(
         SDXLPipelineRunner.build(settings)
 
 
-def test_weights_profile_loads_a_local_diffusers_folder(
-    runner: SDXLPipelineRunner, tmp_path: Path
-) -> None:
-    runner.pipe.save_pretrained(tmp_path / "sdxl")
+def test_weights_profile_loads_a_local_diffusers_folder(tmp_path: Path) -> None:
+    # The tiny runner's UNet carries an IP-Adapter; a checkpoint is the plain SDXL model.
+    saved = build_random_sdxl_pipeline(TINY_CONFIGS, torch.device("cpu"), torch.float32)
+    saved.save_pretrained(tmp_path / "sdxl")
     settings = Settings(
         device="cpu", model_profile=ModelProfile.WEIGHTS, sdxl_checkpoint=tmp_path / "sdxl"
     )
     loaded = SDXLPipelineRunner.build(settings)
 
+    assert not loaded.ip_adapter, "OURVIDZ_SDXL_IP_ADAPTER is unset"
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
-        original = getattr(runner.pipe, name).state_dict()
+        original = getattr(saved, name).state_dict()
         for key, tensor in getattr(loaded.pipe, name).state_dict().items():
             assert torch.equal(tensor, original[key]), f"{name}.{key}"
     asset = loaded.generate([request(5, width=64, height=64)])[0]
