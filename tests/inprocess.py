@@ -48,8 +48,10 @@ class InProcessModels:
         self._lock = asyncio.Lock()
 
     async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
+        # As the Enhancer deployment: each caller validated alone, then one batched call.
+        self._enhancer.validate(requests)
         async with self._lock:
-            return await asyncio.to_thread(self._enhancer.enhance, requests)
+            return await asyncio.to_thread(self._enhancer.enhance_or_fallback, requests)
 
     async def check(self) -> dict[str, str]:
         return {"sdxl": "ok", "wan": "ok", "enhancer": "ok"}

@@ -70,16 +70,21 @@ def run_service(
     config: Path = REPO_ROOT / "serve_config.yaml",
     extra_env: Mapping[str, str] | None = None,
     deployment_overrides: Mapping[str, Mapping[str, object]] | None = None,
+    app_args: Mapping[str, object] | None = None,
     start_timeout_s: float = 300,
 ) -> Iterator[RunningService]:
     """Run ``serve run`` on ``config`` with its data under ``workdir``; stop it on exit.
 
     ``deployment_overrides`` merges options into named deployments of the config (one level
-    deep: ``{"Ingress": {"num_replicas": 2}}``), for tests that need another shape.
+    deep: ``{"Ingress": {"num_replicas": 2}}``), for tests that need another shape;
+    ``app_args`` replace the application's ``args`` of the same names (settings overrides,
+    which win over ``OURVIDZ_*`` variables).
     """
     port = free_loopback_port()
     serve_config = yaml.safe_load(config.read_text())
     serve_config["http_options"]["port"] = port
+    application = serve_config["applications"][0]
+    application["args"] = {**(application.get("args") or {}), **(app_args or {})}
     for deployment in serve_config["applications"][0]["deployments"]:
         for key, value in (deployment_overrides or {}).get(deployment["name"], {}).items():
             if isinstance(value, Mapping):

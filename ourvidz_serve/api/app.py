@@ -13,12 +13,14 @@ from fastapi import FastAPI
 from ourvidz_serve import __version__
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.body_limit import BodySizeLimit
+from ourvidz_serve.api.enhance import router as enhance_router
 from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.state import AppState
+from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
@@ -76,11 +78,12 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
         events = JobEventHub(repository)
         hub = asyncio.create_task(events.run(), name="job-events")
         stack.push_async_callback(_cancelled, hub)
+        policy = PromptPolicy.from_settings(settings)
         jobs = JobService(
             repository,
             storage,
             references=references,
-            policy=PromptPolicy.from_settings(settings),
+            policy=policy,
             limiter=limiter,
             events=events,
             max_queued_jobs=settings.max_queued_jobs_per_user,
@@ -93,6 +96,7 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             storage=storage,
             models=models,
             jobs=jobs,
+            enhancement=EnhancementService(models, policy),
             references=references,
             limiter=limiter,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
@@ -127,6 +131,7 @@ def create_app(settings: Settings, models: ModelClient) -> FastAPI:
     app.include_router(service_router)
     app.include_router(jobs_router)
     app.include_router(references_router)
+    app.include_router(enhance_router)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

@@ -6,12 +6,13 @@ Serve implementation is ``ourvidz_serve.deployments.client.RayModelClient``.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
-from ourvidz_serve.workers.handlers import Enhancer
+from ourvidz_serve.pipelines.base import Enhancer
 
 
 class ModelClient(Enhancer, Protocol):
-    async def check(self) -> dict[str, str]:
-        """Ask every model deployment whether it answers; raise if one does not."""
+    async def check(self) -> dict[str, Any]:
+        """Every model deployment's readiness answer (placement, GPU memory); raise if one
+        does not answer."""
         ...

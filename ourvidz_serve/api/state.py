@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.model_client import ModelClient
+from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
@@ -21,6 +22,7 @@ class AppState:
     storage: Storage
     models: ModelClient
     jobs: JobService
+    enhancement: EnhancementService
     references: ReferenceService
     limiter: RateLimiter
     authenticator: Authenticator

@@ -29,7 +29,7 @@ class RayModelClient(RayEnhancer):
         super().__init__(enhancer)
         self._handles = {"sdxl": sdxl, "wan": wan, "enhancer": enhancer}
 
-    async def check(self) -> dict[str, str]:
+    async def check(self) -> dict[str, Any]:
         answers = await asyncio.gather(
             *(_unwrapped(handle.ready.remote()) for handle in self._handles.values())
         )

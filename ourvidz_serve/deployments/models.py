@@ -10,12 +10,15 @@ the grace period and releases the rest to the queue. The runners know nothing of
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 import socket
 from collections.abc import Callable
 from contextlib import AsyncExitStack
+from typing import Any, Protocol, TypeVar
 
+import ray
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
@@ -44,6 +47,8 @@ class _QueueWorkerReplica:
 
     _deployment: str
     _queue: Queue
+    _runner: ModelRunner
+    _gpu_share: dict[str, Any]
 
     async def _start_worker(
         self, settings: Settings, handler_for: Callable[[Storage], JobHandler]
@@ -77,8 +82,8 @@ class _QueueWorkerReplica:
         # Always numbers: Serve turns custom metrics off for good if the first answer is not.
         return {BACKLOG_METRIC: float(backlog), RUNNING_METRIC: float(running)}
 
-    def ready(self) -> str:
-        return "ok"
+    def ready(self) -> dict[str, Any]:
+        return replica_report(self._runner, self._gpu_share)
 
     async def __del__(self) -> None:
         stack = getattr(self, "_stack", None)  # absent when __init__ failed early
@@ -96,7 +101,10 @@ class SDXLDeployment(_QueueWorkerReplica):
         from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
         from ourvidz_serve.workers.handlers import SDXLJobHandler
 
-        runner = await asyncio.to_thread(SDXLPipelineRunner.build, settings)
+        runner, self._gpu_share = await asyncio.to_thread(
+            build_checked, self._deployment, settings, SDXLPipelineRunner.build
+        )
+        self._runner = runner
         await self._start_worker(settings, lambda storage: SDXLJobHandler(runner, storage))
 
 
@@ -113,10 +121,16 @@ class WanDeployment(_QueueWorkerReplica):
         from ourvidz_serve.security.prompt_policy import PromptPolicy
         from ourvidz_serve.workers.handlers import WanJobHandler
 
-        runner = await asyncio.to_thread(WanPipelineRunner.build, settings)
+        runner, self._gpu_share = await asyncio.to_thread(
+            build_checked, self._deployment, settings, WanPipelineRunner.build
+        )
+        self._runner = runner
         policy = PromptPolicy.from_settings(settings)
         await self._start_worker(
-            settings, lambda _storage: WanJobHandler(runner, RayEnhancer(enhancer), policy)
+            settings,
+            lambda _storage: WanJobHandler(
+                runner, RayEnhancer(enhancer), policy, step_caches=settings.wan_step_cache
+            ),
         )
 
 
@@ -127,17 +141,71 @@ class EnhancerDeployment:
     def __init__(self, settings: Settings) -> None:
         from ourvidz_serve.pipelines.qwen import QwenEnhancerRunner
 
-        self._runner = QwenEnhancerRunner.build(settings)
+        self._runner, self._gpu_share = build_checked(
+            "Enhancer", settings, QwenEnhancerRunner.build
+        )
+        self._batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _enhance_batch(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
-        return await asyncio.to_thread(self._runner.enhance, requests)
+        self._batch_sizes.append(len(requests))
+        return await asyncio.to_thread(self._runner.enhance_or_fallback, requests)
+
+    def recent_batch_sizes(self) -> list[int]:
+        """Prompts per ``generate`` call, most recent last (for tests and diagnosis)."""
+        return list(self._batch_sizes)
 
     async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
+        """Enhance one caller's prompts, batched with every other caller's.
+
+        Each caller's requests are validated before they join a batch, so a bad request
+        fails its own call alone (as SDXL validates each job before its batch call).
+        """
+        self._runner.validate(requests)
         return list(await asyncio.gather(*(self._enhance_batch(r) for r in requests)))
 
-    def ready(self) -> str:
-        return "ok"
+    def ready(self) -> dict[str, Any]:
+        return replica_report(self._runner, self._gpu_share)
+
+
+class ModelRunner(Protocol):
+    device: Any
+    acceleration: dict[str, Any]
+
+
+Runner = TypeVar("Runner", bound=ModelRunner)
+
+
+def build_checked(
+    deployment: str, settings: Settings, build: Callable[[Settings], Runner]
+) -> tuple[Runner, dict[str, Any]]:
+    """Check the replica's GPU share against the memory plan, then build its runner.
+
+    A share too small for the model's weights fails the replica here, naming both figures,
+    instead of an out-of-memory error later in whichever replica shares the GPU. One thread
+    does both: the plan's meta-device builds set torch's default dtype while they run.
+    """
+    from ourvidz_serve.pipelines.memory_plan import check_replica_share
+
+    num_gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    share = check_replica_share(deployment, settings, num_gpus)
+    return build(settings), share
+
+
+def replica_report(runner: ModelRunner, gpu_share: dict[str, Any]) -> dict[str, Any]:
+    """A replica's readiness answer: where Ray placed it, its GPU memory and settings."""
+    from ourvidz_serve.pipelines.memory_plan import gpu_memory_report
+
+    context = ray.get_runtime_context()
+    return {
+        "status": "ok",
+        "node_id": context.get_node_id(),
+        "gpu_ids": context.get_accelerator_ids().get("GPU", []),
+        "resources": context.get_assigned_resources(),
+        "gpu_memory": gpu_memory_report(runner.device),
+        "gpu_share": gpu_share,
+        "acceleration": runner.acceleration,
+    }
 
 
 async def _stop_task(task: asyncio.Task[None]) -> None:

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from enum import StrEnum
 from typing import Any, Literal
 from uuid import UUID
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ourvidz_serve.catalog import JOB_TYPES, WAN_MAX_FRAMES, ModelFamily, OutputFormat
+from ourvidz_serve.catalog import (
+    JOB_TYPES,
+    WAN_MAX_FRAMES,
+    ModelFamily,
+    OutputFormat,
+    ReferenceType,
+)
 from ourvidz_serve.domain import AssetKind, JobStatus
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS
 
@@ -49,7 +54,9 @@ RESERVED_METADATA_KEYS = frozenset(
         "original_prompt", "enhanced_prompt", "enhancement_fallback",
         "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
         "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
-        "stopped_at_step", "total_steps", "denoising_finished_at",
+        "stopped_at_step", "total_steps", "denoising_finished_at", "requested_width",
+        "requested_height", "step_cache", "step_cache_computed_calls",
+        "step_cache_skipped_calls", "step_cache_calibration",
     }
 )  # fmt: skip
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
@@ -70,12 +77,6 @@ def _depth(value: Any) -> int:
             return deepest
         stack.extend((child, depth + 1) for child in children)
     return deepest
-
-
-class ReferenceType(StrEnum):
-    STYLE = "style"
-    COMPOSITION = "composition"
-    CHARACTER = "character"
 
 
 class JobRequest(BaseModel):

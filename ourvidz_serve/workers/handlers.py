@@ -10,15 +10,24 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from types import MappingProxyType
+from typing import Any, Protocol, runtime_checkable
 from uuid import UUID
 
-from ourvidz_serve.catalog import JOB_TYPES, JobTypeSpec, ModelFamily, OutputFormat
+from ourvidz_serve.catalog import (
+    JOB_TYPES,
+    JobTypeSpec,
+    ModelFamily,
+    OutputFormat,
+    ReferenceType,
+    StepCache,
+)
 from ourvidz_serve.persistence.repository import JobRecord
 from ourvidz_serve.pipelines.base import (
     EncodedAsset,
+    Enhancer,
     EnhanceRequest,
     EnhanceResult,
     EnhanceTarget,
@@ -106,8 +115,16 @@ class WanRunnerLike(Protocol):
     ) -> EncodedAsset: ...
 
 
-class Enhancer(Protocol):
-    async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]: ...
+@runtime_checkable
+class WanRunnerWithStats(WanRunnerLike, Protocol):
+    """A runner that also says what a call's step cache did (``WanPipelineRunner``)."""
+
+    def generate_with_stats(
+        self, request: VideoRequest, on_step: StepCallback | None = None
+    ) -> tuple[EncodedAsset, dict[str, Any]]: ...
+
+
+NO_STEP_CACHES: Mapping[str, StepCache] = MappingProxyType({})
 
 
 def enhance_target(spec: JobTypeSpec) -> EnhanceTarget:
@@ -185,20 +202,34 @@ class SDXLJobHandler:
                 height=int(meta["height"]),
                 reference_image=reference,
                 reference_strength=float(meta.get("reference_strength", 0.7)),
+                reference_type=ReferenceType(meta.get("reference_type", ReferenceType.STYLE)),
             )
             for asset in job.assets
         ]
 
 
 class WanJobHandler:
-    """One WAN output per job; enhanced job types get their prompt from the enhancer first."""
+    """One WAN output per job; enhanced job types get their prompt from the enhancer first.
+
+    ``step_caches`` (job type -> diffusers step cache, ``Settings.wan_step_cache``) turns a
+    cache on for that type's jobs. A cached job's metadata records ``"step_cache"`` (the cache's
+    name) and, from runners that report them, ``step_cache_computed_calls`` /
+    ``step_cache_skipped_calls`` (transformer forward calls whose blocks ran / were skipped) and
+    ``step_cache_calibration`` (the call that calibrated MagCache, skipping nothing). Jobs run
+    without a cache have none of these keys.
+    """
 
     def __init__(
-        self, runner: WanRunnerLike, enhancer: Enhancer, policy: PromptPolicy | None = None
+        self,
+        runner: WanRunnerLike,
+        enhancer: Enhancer,
+        policy: PromptPolicy | None = None,
+        step_caches: Mapping[str, StepCache] = NO_STEP_CACHES,
     ) -> None:
         self._runner = runner
         self._enhancer = enhancer
         self._policy = policy
+        self._step_caches = dict(step_caches)
 
     async def run(
         self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
@@ -233,14 +264,24 @@ class WanJobHandler:
             height=int(meta["height"]),
             num_frames=int(meta["frame_num"]),
             fps=int(meta.get("fps", 16)),
+            step_cache=self._step_caches.get(job.job_type),
         )
         if control.is_cancelled(job.id):
             raise JobCancelled("cancelled before generation started")
         started = time.monotonic()
-        output = await asyncio.to_thread(
-            self._runner.generate, request, control.step_callback([job])
+        output, stats = await asyncio.to_thread(
+            self._generate, request, control.step_callback([job])
         )
+        if request.step_cache is not None:
+            metadata |= {"step_cache": request.step_cache.value, **stats}
         return Generated([output], prompt, time.monotonic() - started, metadata)
+
+    def _generate(
+        self, request: VideoRequest, on_step: StepCallback
+    ) -> tuple[EncodedAsset, dict[str, Any]]:
+        if isinstance(self._runner, WanRunnerWithStats):
+            return self._runner.generate_with_stats(request, on_step)
+        return self._runner.generate(request, on_step), {}
 
     async def _enhance(self, prompt: str, spec: JobTypeSpec) -> dict[str, Any]:
         """The enhancement's metadata; the original prompt when the enhancer cannot answer.

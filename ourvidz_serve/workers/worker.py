@@ -365,6 +365,7 @@ class QueueWorker:
             "output_height": first.height,
             "batch_count": len(generated.outputs),
         }
+        metadata |= _produced_size(job.metadata, first)
         expected = float(job.metadata.get("expected_generation_time") or 0)
         if expected > 0:
             metadata["performance_ratio"] = round(generated.generation_time / expected, 6)
@@ -477,6 +478,17 @@ def _retrying(error: type[Exception], stop: StopBaseT, what: str) -> AsyncRetryi
         before_sleep=log,
         reraise=True,
     )
+
+
+def _produced_size(asked: dict[str, Any], output: EncodedAsset) -> dict[str, Any]:
+    """The size the model produced as the job's ``width`` / ``height``; what was asked, when
+    it differs (the tiny profile's native size), as ``requested_width`` / ``requested_height``.
+    """
+    produced: dict[str, Any] = {"width": output.width, "height": output.height}
+    for name in ("width", "height"):
+        if name in asked and asked[name] != produced[name]:
+            produced[f"requested_{name}"] = asked[name]
+    return produced
 
 
 def _timings(job: JobRecord, claimed_at: float) -> dict[str, Any]:

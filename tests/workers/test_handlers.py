@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from ourvidz_serve.catalog import JOB_TYPES, StepCache
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.protocol import JobRequest
 from ourvidz_serve.persistence.repository import JobRepository
@@ -37,6 +38,28 @@ async def test_an_enhanced_job_runs_on_its_own_prompt_when_the_enhancer_is_down(
     assert result.metadata["enhancement_fallback"] is True
     assert "enhancer replica unreachable" in result.metadata["enhancement_warning"]
     assert result.outputs[0].mime_type == "image/png"
+    assert "step_cache" not in result.metadata, "no cache configured for this type"
+
+
+async def test_a_job_type_with_a_step_cache_runs_cached_and_records_it(
+    repository, tiny_runners: TinyRunners
+):
+    [job] = await claimed(repository, "wan_queue", 1, {"job_type": "image_fast"})
+    handler = WanJobHandler(
+        tiny_runners.wan,
+        EnhancerThatIsDown(),
+        step_caches={"image_fast": StepCache.TAYLOR_SEER, "video_fast": StepCache.MAG},
+    )
+    [result] = await handler.run([job])
+    assert isinstance(result, Generated)
+    assert result.metadata["step_cache"] == "taylor_seer"
+    # TaylorSeer (lite) computes steps 0-2 and every 5th after (4, 9, ..., 24) of the 25, for
+    # the cond and the uncond pass; the other calls skip every block.
+    calls = JOB_TYPES["image_fast"].steps * 2
+    assert result.metadata["step_cache_computed_calls"] == 8 * 2
+    assert result.metadata["step_cache_skipped_calls"] == calls - 8 * 2
+    assert result.outputs[0].mime_type == "image/png"
+    assert not tiny_runners.wan.pipe.transformer.is_cache_enabled, "removed after the call"
 
 
 async def test_a_job_with_an_unreadable_reference_fails_alone_in_its_batch(

@@ -34,6 +34,7 @@ from ourvidz_serve.jobs.protocol import JobRequest
 from ourvidz_serve.persistence.database import start_embedded_postgres
 from ourvidz_serve.persistence.repository import JobRecord, JobRepository
 from ourvidz_serve.pipelines.base import EncodedAsset, ImageRequest
+from ourvidz_serve.pipelines.encode import probe_mp4
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.storage.local import LocalStorage
@@ -182,6 +183,37 @@ async def test_one_claim_runs_compatible_jobs_in_one_call_with_honest_timings(
         assert job.started_at < denoised <= job.completed_at
         for asset in job.assets:
             assert local_storage.path_for(asset.bucket, asset.path).read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_records_show_the_size_the_model_produced_and_what_was_asked(
+    repository, settings, local_storage, tiny_runners: TinyRunners
+):
+    image, _ = await repository.insert_job(plan(num_images=3))
+    video, _ = await repository.insert_job(plan("video_fast", frame_num=9))
+    handlers = {
+        Queue.SDXL: SDXLJobHandler(tiny_runners.sdxl, local_storage),
+        Queue.WAN: WanJobHandler(tiny_runners.wan, InProcessModels(tiny_runners.enhancer)),
+    }
+    for queue, job in ((Queue.SDXL, image), (Queue.WAN, video)):
+        async with worker(repository, local_storage, handlers[queue], settings, queue=queue.value):
+            done = await terminal(repository, job.id)
+        assert done.status is JobStatus.COMPLETED, done.error_message
+        # The tiny profile draws at its native size whatever the job type asks.
+        assert (done.metadata["requested_width"], done.metadata["requested_height"]) == (
+            job.metadata["width"],
+            job.metadata["height"],
+        )
+        for asset in done.assets:
+            data = local_storage.path_for(asset.bucket, asset.path).read_bytes()
+            if queue is Queue.SDXL:
+                size, frames = Image.open(io.BytesIO(data)).size, 1
+            else:
+                info = probe_mp4(data)
+                size, frames = (info.width, info.height), info.num_frames
+            meta = asset.metadata
+            assert (meta["width"], meta["height"], meta["num_frames"]) == (*size, frames)
+            assert (done.metadata["width"], done.metadata["height"]) == size
+        assert frames == (1 if queue is Queue.SDXL else 9)
 
 
 async def test_jobs_arriving_during_a_call_wait_and_share_the_next_call(
@@ -563,8 +595,8 @@ async def test_cancelling_one_job_of_a_shared_sdxl_call_keeps_its_batch_mate_exa
                 seed=7,
                 steps=int(done.metadata["steps"]),
                 guidance_scale=float(done.metadata["guidance_scale"]),
-                width=int(done.metadata["width"]),
-                height=int(done.metadata["height"]),
+                width=int(done.metadata["requested_width"]),
+                height=int(done.metadata["requested_height"]),
             )
         ]
     )
