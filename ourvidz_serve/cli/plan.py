@@ -1,17 +1,13 @@
-"""The ``ourvidz-serve`` command line (typer).
+"""``plan``: the GPU memory plan of a deployment profile (no GPU, no Ray needed).
 
-Commands import what they need when they run, so ``--help`` and light commands stay fast
-(the model libraries take seconds to import).
-
-Exit codes: 0 done (for ``plan``: everything fits), 1 the answer is no (``plan``: something
-does not fit), 2 the input is wrong (missing file, bad YAML, unknown deployment or setting).
+Exit codes: 0 everything fits, 1 something does not fit, 2 the input is wrong (missing file,
+bad YAML, unknown deployment or setting).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -19,33 +15,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from ourvidz_serve.cli.common import EXIT_NO, EXIT_OK, app
+from ourvidz_serve.cli.common import console as _console
+from ourvidz_serve.cli.common import fail as _fail
+
 if TYPE_CHECKING:
     from ourvidz_serve.pipelines.memory_plan import MemoryPlan
-
-EXIT_OK, EXIT_NO, EXIT_USAGE = 0, 1, 2
-
-app = typer.Typer(
-    name="ourvidz-serve",
-    help="ourvidz-serve: operator commands for the Ray Serve image and video service.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-@app.callback()
-def main() -> None:
-    """ourvidz-serve: operator commands for the Ray Serve image and video service."""
-
-
-def _console(stderr: bool = False) -> Console:
-    width = max(shutil.get_terminal_size((120, 24)).columns, 110)
-    return Console(stderr=stderr, width=width, highlight=False)
-
-
-def _fail(message: str, code: int = EXIT_USAGE) -> typer.Exit:
-    _console(stderr=True).print(f"[bold red]error:[/] {message}", markup=True, soft_wrap=True)
-    return typer.Exit(code)
 
 
 @app.command(
@@ -182,7 +157,3 @@ def _print_gpus(console: Console, title: str, gpus: tuple) -> None:
             "[green]yes[/]" if gpu.fits else "[bold red]NO[/]",
         )
     console.print(table)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
