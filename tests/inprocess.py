@@ -12,6 +12,7 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 
 from ourvidz_serve.catalog import Queue
+from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
@@ -57,10 +58,12 @@ class InProcessModels:
         return {"sdxl": "ok", "wan": "ok", "enhancer": "ok"}
 
 
-def handler_for(queue: Queue, runners: TinyRunners, storage: Storage) -> JobHandler:
+def handler_for(
+    queue: Queue, runners: TinyRunners, storage: Storage, metrics: Metrics = NO_METRICS
+) -> JobHandler:
     if queue is Queue.SDXL:
-        return SDXLJobHandler(runners.sdxl, storage)
-    return WanJobHandler(runners.wan, InProcessModels(runners.enhancer))
+        return SDXLJobHandler(runners.sdxl, storage, metrics)
+    return WanJobHandler(runners.wan, InProcessModels(runners.enhancer), metrics=metrics)
 
 
 @asynccontextmanager
@@ -70,6 +73,7 @@ async def running_workers(
     queues: tuple[Queue, ...] = (Queue.SDXL, Queue.WAN),
     storage: Storage | None = None,
     name: str = "inprocess",
+    metrics: Metrics = NO_METRICS,
 ) -> AsyncIterator[list[QueueWorker]]:
     """Queue workers for ``queues`` with their own pool, started and stopped around the block."""
     async with AsyncExitStack() as stack:
@@ -83,9 +87,10 @@ async def running_workers(
             QueueWorker(
                 repository,
                 storage,
-                handler_for(queue, runners, storage),
+                handler_for(queue, runners, storage, metrics),
                 WorkerConfig.for_queue(settings, queue),
                 f"{name}-{queue.value}",
+                metrics,
             )
             for queue in queues
         ]

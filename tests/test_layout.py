@@ -28,6 +28,8 @@ def test_code_that_needs_no_ray_does_not_import_it():
         "ourvidz_serve.workers.handlers",
         "ourvidz_serve.security.fetch",
         "ourvidz_serve.security.prompt_policy",
+        "ourvidz_serve.observability.exposition",
+        "ourvidz_serve.cli",
     ):
         assert "ray" not in loaded_after_import(module), module
 
@@ -47,6 +49,17 @@ FORBIDDEN = {
     # Defences against hostile input are leaves: pure functions over bytes, URLs and text.
     "security": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
     "redaction": {"api", "deployments", "jobs", "workers", "persistence", "pipelines", "storage"},
+    # Metric families and their exposition: recorded by every layer, depending on none.
+    "observability": {
+        "api",
+        "deployments",
+        "jobs",
+        "workers",
+        "persistence",
+        "pipelines",
+        "storage",
+        "cli",
+    },
 }
 
 

@@ -16,6 +16,7 @@ from ourvidz_serve.api.body_limit import BodySizeLimit
 from ourvidz_serve.api.enhance import router as enhance_router
 from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
+from ourvidz_serve.api.metrics import router as metrics_router
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
@@ -25,6 +26,8 @@ from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
+from ourvidz_serve.observability.exposition import MetricsFeed, RegistryFeed
+from ourvidz_serve.observability.metrics import Metrics, PrometheusBackend
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.redaction import install_log_redaction
@@ -41,7 +44,9 @@ MULTIPART_OVERHEAD_BYTES = 64 * 1024
 
 
 @asynccontextmanager
-async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterator[AppState]:
+async def open_app_state(
+    settings: Settings, models: ModelClient, metrics: Metrics, metrics_feed: MetricsFeed
+) -> AsyncIterator[AppState]:
     """Open the database and storage and start a reaper; close them in reverse order.
 
     The ingress runs no jobs; it reaps expired leases too because every replica with a pool
@@ -71,7 +76,7 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             per_user_per_s=settings.rate_limit_per_user_per_s,
             per_user_burst=settings.rate_limit_per_user_burst,
         )
-        deliverer = deliverer_from_settings(repository, settings)
+        deliverer = deliverer_from_settings(repository, settings, metrics)
         if deliverer is not None:
             delivering = asyncio.create_task(deliverer.run(), name="callbacks")
             stack.push_async_callback(_cancelled, delivering)
@@ -88,6 +93,7 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             events=events,
             max_queued_jobs=settings.max_queued_jobs_per_user,
             queued_jobs_retry_after_s=settings.queued_jobs_retry_after_s,
+            metrics=metrics,
         )
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
@@ -100,6 +106,7 @@ async def open_app_state(settings: Settings, models: ModelClient) -> AsyncIterat
             references=references,
             limiter=limiter,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
+            metrics_feed=metrics_feed,
         )
 
 
@@ -109,13 +116,23 @@ async def _cancelled(task: asyncio.Task[None]) -> None:
         await task
 
 
-def create_app(settings: Settings, models: ModelClient) -> FastAPI:
+def create_app(
+    settings: Settings,
+    models: ModelClient,
+    metrics: Metrics | None = None,
+    metrics_feed: MetricsFeed | None = None,
+) -> FastAPI:
+    """The ingress app. ``metrics`` records, ``metrics_feed`` reads back for ``/metrics``;
+    without them (no Ray) both are one local registry."""
     if not settings.api_keys and settings.jwt_secret is None:
         raise ValueError("no API keys and no JWT secret: every request would be refused")
+    if metrics is None or metrics_feed is None:
+        backend = PrometheusBackend()
+        metrics, metrics_feed = Metrics(backend), RegistryFeed(backend.registry)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_app_state(settings, models) as state:
+        async with open_app_state(settings, models, metrics, metrics_feed) as state:
             app.state.ourvidz = state
             yield
             app.state.ourvidz = None
@@ -132,6 +149,7 @@ def create_app(settings: Settings, models: ModelClient) -> FastAPI:
     app.include_router(jobs_router)
     app.include_router(references_router)
     app.include_router(enhance_router)
+    app.include_router(metrics_router)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

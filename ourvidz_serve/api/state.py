@@ -10,6 +10,7 @@ from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.service import JobService
+from ourvidz_serve.observability.exposition import MetricsFeed
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage
@@ -26,3 +27,4 @@ class AppState:
     references: ReferenceService
     limiter: RateLimiter
     authenticator: Authenticator
+    metrics_feed: MetricsFeed

@@ -8,6 +8,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.deployments.client import RayModelClient
+from ourvidz_serve.deployments.metrics import RayNodeFeed, node_export_url, ray_metrics_recorder
 from ourvidz_serve.settings import Settings
 
 
@@ -21,7 +22,12 @@ class IngressDeployment:
         wan: DeploymentHandle,
         enhancer: DeploymentHandle,
     ) -> None:
-        self._app = create_app(settings, RayModelClient(sdxl, wan, enhancer))
+        self._app = create_app(
+            settings,
+            RayModelClient(sdxl, wan, enhancer),
+            ray_metrics_recorder(),
+            RayNodeFeed(node_export_url()),
+        )
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app

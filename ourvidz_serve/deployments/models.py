@@ -25,6 +25,8 @@ from ray.serve.handle import DeploymentHandle
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.deployments.autoscaling import BACKLOG_METRIC, RUNNING_METRIC
 from ourvidz_serve.deployments.client import RayEnhancer
+from ourvidz_serve.deployments.metrics import ray_metrics_recorder
+from ourvidz_serve.observability.metrics import Metrics
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.pipelines.base import EnhanceRequest, EnhanceResult
@@ -51,17 +53,22 @@ class _QueueWorkerReplica:
     _gpu_share: dict[str, Any]
 
     async def _start_worker(
-        self, settings: Settings, handler_for: Callable[[Storage], JobHandler]
+        self, settings: Settings, handler_for: Callable[[Storage, Metrics], JobHandler]
     ) -> None:
         install_log_redaction(settings.secrets())
         self._stack = AsyncExitStack()
         self._worker: QueueWorker | None = None
+        metrics = ray_metrics_recorder()
+        reporting = asyncio.create_task(
+            report_gpu_memory(metrics, self._deployment, self._runner), name="gpu-memory"
+        )
+        self._stack.push_async_callback(_stop_task, reporting)
         pool = await self._stack.enter_async_context(open_database(settings))
         storage = create_storage(settings)
         await storage.start()
         self._stack.push_async_callback(storage.close)
         # Callbacks are delivered by every replica with a pool (claims use SKIP LOCKED).
-        deliverer = deliverer_from_settings(JobRepository(pool), settings)
+        deliverer = deliverer_from_settings(JobRepository(pool), settings, metrics)
         if deliverer is not None:
             delivering = asyncio.create_task(deliverer.run(), name="callbacks")
             self._stack.push_async_callback(_stop_task, delivering)
@@ -69,9 +76,10 @@ class _QueueWorkerReplica:
             self._worker = QueueWorker(
                 JobRepository(pool),
                 storage,
-                handler_for(storage),
+                handler_for(storage, metrics),
                 WorkerConfig.for_queue(settings, self._queue),
                 _worker_id(self._deployment),
+                metrics,
             )
             await self._worker.start()
             self._stack.push_async_callback(self._worker.stop)
@@ -105,7 +113,9 @@ class SDXLDeployment(_QueueWorkerReplica):
             build_checked, self._deployment, settings, SDXLPipelineRunner.build
         )
         self._runner = runner
-        await self._start_worker(settings, lambda storage: SDXLJobHandler(runner, storage))
+        await self._start_worker(
+            settings, lambda storage, metrics: SDXLJobHandler(runner, storage, metrics)
+        )
 
 
 @serve.deployment(name="WAN")
@@ -128,8 +138,12 @@ class WanDeployment(_QueueWorkerReplica):
         policy = PromptPolicy.from_settings(settings)
         await self._start_worker(
             settings,
-            lambda _storage: WanJobHandler(
-                runner, RayEnhancer(enhancer), policy, step_caches=settings.wan_step_cache
+            lambda _storage, metrics: WanJobHandler(
+                runner,
+                RayEnhancer(enhancer),
+                policy,
+                step_caches=settings.wan_step_cache,
+                metrics=metrics,
             ),
         )
 
@@ -138,13 +152,20 @@ class WanDeployment(_QueueWorkerReplica):
 class EnhancerDeployment:
     """Qwen2.5 prompt enhancement; concurrent prompts share one ``generate`` call."""
 
-    def __init__(self, settings: Settings) -> None:
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         from ourvidz_serve.pipelines.qwen import QwenEnhancerRunner
 
-        self._runner, self._gpu_share = build_checked(
-            "Enhancer", settings, QwenEnhancerRunner.build
+        self._runner, self._gpu_share = await asyncio.to_thread(
+            build_checked, "Enhancer", settings, QwenEnhancerRunner.build
         )
         self._batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
+        self._metrics = ray_metrics_recorder()
+        self._waiting = 0
+        """Prompts in or waiting for a batch (the ``enhance`` queue length)."""
+        self._metrics.enhance_queue(0)
+        self._reporting = asyncio.create_task(
+            report_gpu_memory(self._metrics, "Enhancer", self._runner), name="gpu-memory"
+        )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _enhance_batch(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
@@ -162,7 +183,13 @@ class EnhancerDeployment:
         fails its own call alone (as SDXL validates each job before its batch call).
         """
         self._runner.validate(requests)
-        return list(await asyncio.gather(*(self._enhance_batch(r) for r in requests)))
+        self._waiting += len(requests)
+        self._metrics.enhance_queue(self._waiting)
+        try:
+            return list(await asyncio.gather(*(self._enhance_batch(r) for r in requests)))
+        finally:
+            self._waiting -= len(requests)
+            self._metrics.enhance_queue(self._waiting)
 
     def ready(self) -> dict[str, Any]:
         return replica_report(self._runner, self._gpu_share)
@@ -190,6 +217,21 @@ def build_checked(
     num_gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     share = check_replica_share(deployment, settings, num_gpus)
     return build(settings), share
+
+
+GPU_MEMORY_REPORT_S = 10.0
+
+
+async def report_gpu_memory(metrics: Metrics, deployment: str, runner: ModelRunner) -> None:
+    """Record the replica's GPU memory in use and total every ``GPU_MEMORY_REPORT_S``."""
+    from ourvidz_serve.pipelines.memory_plan import gpu_memory_report
+
+    replica = serve.get_replica_context().replica_id.unique_id
+    while True:
+        report = gpu_memory_report(runner.device)
+        used, total = report.get("used_bytes") or 0, report.get("total_bytes") or 0
+        metrics.gpu_memory(deployment, replica, int(used), int(total))
+        await asyncio.sleep(GPU_MEMORY_REPORT_S)
 
 
 def replica_report(runner: ModelRunner, gpu_share: dict[str, Any]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from ourvidz_serve.jobs.protocol import (
     JobStatus,
 )
 from ourvidz_serve.jobs.references import ReferenceService
+from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRecord, JobRepository
 from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.storage import Storage
@@ -43,8 +44,10 @@ class JobService:
         events: JobEventHub,
         max_queued_jobs: int = 0,
         queued_jobs_retry_after_s: float = 15.0,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._repository = repository
+        self._metrics = metrics
         self._storage = storage
         self._references = references
         self._policy = policy
@@ -83,6 +86,8 @@ class JobService:
             max_queued=self._max_queued_jobs,
             retry_after_s=self._queued_jobs_retry_after_s,
         )
+        if created:
+            self._metrics.job_submitted(job.job_type)
         return await self.to_resource(job), created
 
     async def _visible(self, job_id: UUID, principal: Principal) -> JobRecord:
@@ -103,8 +108,10 @@ class JobService:
 
         Cancelling a cancelled job answers it again; a completed or failed one is a conflict.
         """
-        await self._visible(job_id, principal)
+        job = await self._visible(job_id, principal)
         was = await self._repository.cancel_job(job_id)
+        if was in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            self._metrics.job_finished(job.job_type, JobStatus.CANCELLED.value)
         if was in (JobStatus.COMPLETED, JobStatus.FAILED):
             raise Conflict(
                 f"job {job_id} has already ended {was.value}",

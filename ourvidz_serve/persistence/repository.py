@@ -7,7 +7,7 @@ import base64
 import binascii
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -487,6 +487,22 @@ class JobRepository:
         """Units waiting in a queue, counted over its oldest ``max_jobs`` jobs (flat cost)."""
         async with self._connection() as connection:
             return int(await connection.fetchval(QUERIES["queued_units"], queue, max_jobs))
+
+    async def queue_lengths(
+        self, queues: Sequence[str], cap: int = 100_000, timeout_s: float = 2.0
+    ) -> dict[str, int]:
+        """Jobs waiting in each queue, each count capped at ``cap`` (for ``/metrics``)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                QUERIES["queue_lengths"], list(queues), cap, timeout=timeout_s
+            )
+        return {row["queue"]: int(row["waiting"]) for row in rows}
+
+    async def jobs_last_hour(self, timeout_s: float = 2.0) -> list[tuple[str, str, int]]:
+        """``(job_type, status, jobs)`` of the jobs submitted in the last hour."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["jobs_last_hour"], timeout=timeout_s)
+        return [(row["job_type"], row["status"], int(row["jobs"])) for row in rows]
 
     async def cancel_job(self, job_id: UUID) -> JobStatus | None:
         """End a queued or running job ``cancelled``; return the status it had (None: none).

@@ -21,6 +21,7 @@ import httpx
 from standardwebhooks.webhooks import Webhook
 
 from ourvidz_serve.errors import DatabaseUnavailable
+from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import CallbackClaim, JobRecord, JobRepository
 from ourvidz_serve.settings import Settings
 
@@ -93,8 +94,10 @@ class CallbackDeliverer:
         *,
         timeout_s: float,
         poll_interval_s: float,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._repository = repository
+        self._metrics = metrics
         self._url = url
         self._signer = signer
         self._retry = retry
@@ -152,6 +155,7 @@ class CallbackDeliverer:
         else:
             outcome, retry_in = "pending", self._retry.delay_s(claim.attempt)
         await self._repository.record_callback_attempt(claim, outcome, retry_in, record)
+        self._metrics.callback_delivery("retrying" if outcome == "pending" else outcome)
 
 
 def _now_iso() -> str:
@@ -159,7 +163,7 @@ def _now_iso() -> str:
 
 
 def deliverer_from_settings(
-    repository: JobRepository, settings: Settings
+    repository: JobRepository, settings: Settings, metrics: Metrics = NO_METRICS
 ) -> CallbackDeliverer | None:
     """The deliverer, or None when no callback URL is configured."""
     if settings.callback_url is None or settings.callback_secret is None:
@@ -175,4 +179,5 @@ def deliverer_from_settings(
         ),
         timeout_s=settings.callback_timeout_s,
         poll_interval_s=settings.callback_poll_interval_s,
+        metrics=metrics,
     )

@@ -24,6 +24,7 @@ from ourvidz_serve.catalog import (
     ReferenceType,
     StepCache,
 )
+from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import JobRecord
 from ourvidz_serve.pipelines.base import (
     EncodedAsset,
@@ -140,9 +141,12 @@ class SDXLJobHandler:
     fails that job alone and its batch-mates still run.
     """
 
-    def __init__(self, runner: SDXLRunnerLike, storage: Storage) -> None:
+    def __init__(
+        self, runner: SDXLRunnerLike, storage: Storage, metrics: Metrics = NO_METRICS
+    ) -> None:
         self._runner = runner
         self._storage = storage
+        self._metrics = metrics
 
     async def run(
         self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
@@ -166,6 +170,7 @@ class SDXLJobHandler:
             started = time.monotonic()
             try:
                 outputs = await asyncio.to_thread(self._runner.generate, flat, on_step)
+                self._metrics.pipeline_call("sdxl", len(flat))
             except Exception as exc:  # noqa: BLE001 - a failed call fails each of its jobs
                 for position in runnable:
                     results[position] = exc
@@ -225,11 +230,13 @@ class WanJobHandler:
         enhancer: Enhancer,
         policy: PromptPolicy | None = None,
         step_caches: Mapping[str, StepCache] = NO_STEP_CACHES,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._runner = runner
         self._enhancer = enhancer
         self._policy = policy
         self._step_caches = dict(step_caches)
+        self._metrics = metrics
 
     async def run(
         self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
@@ -272,6 +279,7 @@ class WanJobHandler:
         output, stats = await asyncio.to_thread(
             self._generate, request, control.step_callback([job])
         )
+        self._metrics.pipeline_call("wan", 1)
         if request.step_cache is not None:
             metadata |= {"step_cache": request.step_cache.value, **stats}
         return Generated([output], prompt, time.monotonic() - started, metadata)

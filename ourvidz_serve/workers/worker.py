@@ -31,6 +31,7 @@ from tenacity.stop import StopBaseT
 
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
+from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import (
     AssetCompletion,
     AssetRecord,
@@ -102,8 +103,10 @@ class QueueWorker:
         handler: JobHandler,
         config: WorkerConfig,
         worker_id: str,
+        metrics: Metrics = NO_METRICS,
     ) -> None:
         self._repository = repository
+        self._metrics = metrics
         self._storage = storage
         self._handler = handler
         self._config = config
@@ -248,6 +251,10 @@ class QueueWorker:
 
     async def _run_batch(self, jobs: list[JobRecord], units: int) -> None:
         claimed_at = time.monotonic()
+        for job in jobs:
+            if job.started_at is not None:
+                wait = (job.started_at - job.created_at).total_seconds()
+                self._metrics.job_started(job.job_type, wait)
         try:
             results: list[JobResult] = await self._handler.run(jobs, self._control)
         except Exception as exc:
@@ -373,6 +380,10 @@ class QueueWorker:
             lambda: self._repository.complete_job(job.id, job.attempts, metadata, completions)
         )
         self._log_fenced(job, recorded, "completion")
+        if recorded:
+            self._metrics.job_finished(
+                job.job_type, "completed", generated.generation_time, expected or None
+            )
 
     async def _record_failure(
         self, job: JobRecord, error: Exception, claimed_at: float, metadata: dict[str, Any]
@@ -388,6 +399,8 @@ class QueueWorker:
             )
         )
         self._log_fenced(job, recorded, "failure")
+        if recorded:
+            self._metrics.job_finished(job.job_type, "failed")
 
     @staticmethod
     def _log_fenced(job: JobRecord, recorded: bool, what: str) -> None:

@@ -1,0 +1,1 @@
+"""Metrics: the families (one table), how they are recorded, and how ``/metrics`` shows them."""
