@@ -272,6 +272,26 @@ class Settings(BaseSettings):
                 values.append(password)
         return values
 
+    def node_local_state(self) -> list[str]:
+        """What these settings keep on one machine's disk: fine on one node, and silently
+        divergent on several (each node would start its own database or file store)."""
+        local = []
+        if self.database_url is None:
+            local.append("the embedded PostgreSQL (set OURVIDZ_DATABASE_URL)")
+        if self.storage_backend is StorageBackend.LOCAL:
+            local.append("local storage (set OURVIDZ_STORAGE_BACKEND=s3)")
+        return local
+
+    def check_cluster_size(self, alive_nodes: int) -> None:
+        """Refuse node-local state on a Ray cluster of more than one node."""
+        local = self.node_local_state()
+        if alive_nodes > 1 and local:
+            raise ValueError(
+                f"this Ray cluster has {alive_nodes} nodes, but the settings keep "
+                f"{' and '.join(local)} on one node's disk: every node would see different "
+                "jobs and files. Use an external PostgreSQL and S3 on a cluster."
+            )
+
     @property
     def embedded_database_dir(self) -> Path:
         return self.data_dir.resolve() / "postgres"

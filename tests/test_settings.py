@@ -89,3 +89,25 @@ def test_a_callback_url_without_a_signing_secret_is_refused_at_start_up():
     with pytest.raises(ValueError, match="OURVIDZ_CALLBACK_SECRET"):
         Settings(callback_url="https://platform.example/hooks")
     assert Settings(callback_url="https://platform.example/hooks", callback_secret="s").callback_url
+
+
+@pytest.mark.parametrize(
+    ("changes", "refused"),
+    [
+        ({}, ["embedded PostgreSQL", "local storage"]),
+        ({"database_url": "postgresql://db.internal/ourvidz"}, ["local storage"]),
+        ({"storage_backend": "s3"}, ["embedded PostgreSQL"]),
+    ],
+)
+def test_node_local_state_is_refused_on_a_cluster_of_several_nodes(changes, refused):
+    settings = Settings(**changes)
+    settings.check_cluster_size(1)  # one node: the embedded defaults are the point
+    with pytest.raises(ValueError, match="2 nodes") as error:
+        settings.check_cluster_size(2)
+    for what in refused:
+        assert what in str(error.value)
+
+
+def test_an_external_database_and_s3_run_on_any_cluster():
+    settings = Settings(database_url="postgresql://db.internal/ourvidz", storage_backend="s3")
+    settings.check_cluster_size(12)

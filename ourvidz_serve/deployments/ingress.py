@@ -9,6 +9,7 @@ from ray.serve.handle import DeploymentHandle
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.deployments.client import RayModelClient
 from ourvidz_serve.deployments.metrics import RayNodeFeed, node_export_url, ray_metrics_recorder
+from ourvidz_serve.deployments.models import alive_nodes
 from ourvidz_serve.settings import Settings
 
 
@@ -22,6 +23,7 @@ class IngressDeployment:
         wan: DeploymentHandle,
         enhancer: DeploymentHandle,
     ) -> None:
+        settings.check_cluster_size(alive_nodes())
         self._app = create_app(
             settings,
             RayModelClient(sdxl, wan, enhancer),

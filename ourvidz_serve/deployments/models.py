@@ -203,6 +203,10 @@ class ModelRunner(Protocol):
 Runner = TypeVar("Runner", bound=ModelRunner)
 
 
+def alive_nodes() -> int:
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
 def build_checked(
     deployment: str, settings: Settings, build: Callable[[Settings], Runner]
 ) -> tuple[Runner, dict[str, Any]]:
@@ -214,6 +218,8 @@ def build_checked(
     """
     from ourvidz_serve.pipelines.memory_plan import check_replica_share
 
+    # Before minutes of loading: a replica on a second node must not start a second database.
+    settings.check_cluster_size(alive_nodes())
     num_gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     share = check_replica_share(deployment, settings, num_gpus)
     return build(settings), share

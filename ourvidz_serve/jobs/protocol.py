@@ -12,8 +12,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from ourvidz_serve.catalog import (
     JOB_TYPES,
     WAN_MAX_FRAMES,
+    JobType,
     ModelFamily,
     OutputFormat,
+    Quality,
     ReferenceType,
 )
 from ourvidz_serve.domain import AssetKind, JobStatus
@@ -206,9 +208,9 @@ class JobProgress(BaseModel):
 class JobResource(BaseModel):
     id: UUID
     user_id: UUID
-    job_type: str
-    format: str
-    quality: str
+    job_type: JobType
+    format: OutputFormat
+    quality: Quality
     model_type: str
     status: JobStatus
     prompt: str
@@ -257,12 +259,12 @@ class ErrorBody(BaseModel):
 
 
 class JobTypeResource(BaseModel):
-    job_type: str
+    job_type: JobType
     model: str
     model_type: str
     model_variant: str
-    format: Literal["image", "video"]
-    quality: str
+    format: OutputFormat
+    quality: Quality
     enhanced: bool
     queue: str
     bucket: str

@@ -286,3 +286,30 @@ async def test_the_ingress_alone_accepts_jobs_and_leaves_them_queued(
             submitted = (await http.post("/v1/jobs", json=job())).json()
             await asyncio.sleep(1.0)
             assert (await http.get(f"/v1/jobs/{submitted['id']}")).json()["status"] == "queued"
+
+
+async def test_closed_sets_are_enums_in_the_openapi_document(client):
+    """The platform generates TypeScript from it: a typo in a job type must not compile."""
+    schemas = (await client.get("/openapi.json")).json()["components"]["schemas"]
+
+    def enum_of(model: str, field: str) -> list[str]:
+        spec = schemas[model]["properties"][field]
+        if "$ref" in spec:
+            spec = schemas[spec["$ref"].rsplit("/", 1)[1]]
+        assert "enum" in spec, (model, field, spec)
+        return list(spec["enum"])
+
+    assert len(enum_of("JobResource", "job_type")) == 10
+    assert len(enum_of("JobTypeResource", "job_type")) == 10
+    assert len(enum_of("JobRequest", "job_type")) == 10
+    assert set(enum_of("JobResource", "status")) == {
+        "queued",
+        "processing",
+        "completed",
+        "failed",
+        "cancelled",
+    }
+    assert set(enum_of("JobResource", "format")) == {"image", "video"}
+    assert set(enum_of("JobResource", "quality")) == {"fast", "high"}
+    assert set(enum_of("JobRequest", "reference_type")) == {"style", "composition", "character"}
+    assert set(enum_of("EnhanceBody", "target")) == {"sdxl", "wan_image", "wan_video"}
