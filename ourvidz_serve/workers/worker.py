@@ -252,8 +252,8 @@ class QueueWorker:
     async def _run_batch(self, jobs: list[JobRecord], units: int) -> None:
         claimed_at = time.monotonic()
         for job in jobs:
-            if job.started_at is not None:
-                wait = (job.started_at - job.created_at).total_seconds()
+            wait = _queue_wait_s(job)
+            if wait is not None:
                 self._metrics.job_started(job.job_type, wait)
         try:
             results: list[JobResult] = await self._handler.run(jobs, self._control)
@@ -509,9 +509,17 @@ def _timings(job: JobRecord, claimed_at: float) -> dict[str, Any]:
         "attempt": job.attempts,
         "total_time": round(time.monotonic() - claimed_at, 4),
     }
-    if job.started_at is not None:
-        timings["queue_wait_time"] = round((job.started_at - job.created_at).total_seconds(), 4)
+    wait = _queue_wait_s(job)
+    if wait is not None:
+        timings["queue_wait_time"] = round(wait, 4)
     return timings
+
+
+def _queue_wait_s(job: JobRecord) -> float | None:
+    """Submission to this claim (None: not claimed)."""
+    if job.started_at is None:
+        return None
+    return (job.started_at - job.created_at).total_seconds()
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:

@@ -8,7 +8,6 @@ from uuid import uuid4
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.observability.exposition import RegistryFeed
@@ -17,6 +16,7 @@ from ourvidz_serve.settings import Settings
 from tests.api.test_jobs_http import assert_error
 from tests.conftest import TEST_API_KEY
 from tests.inprocess import InProcessModels, TinyRunners, running_workers
+from tests.support.prometheus import parse, total
 
 USER = str(uuid4())
 WORKLOAD = [
@@ -46,18 +46,6 @@ async def scraped_client(
         ) as http,
     ):
         yield http
-
-
-def parse(text: str) -> dict[str, tuple[str, list]]:
-    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(text)}
-
-
-def total(samples: list, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 async def finished(http: httpx.AsyncClient, job_id: str) -> dict:

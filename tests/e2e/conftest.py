@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import AsyncIterator, Iterator
 
@@ -37,10 +38,17 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningService
         yield running
 
 
+@contextlib.asynccontextmanager
+async def service_client(service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of ``service`` that sends its API key."""
+    headers = {"Authorization": f"Bearer {service.api_key}"}
+    async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=60) as client:
+        yield client
+
+
 @pytest.fixture
 async def http(service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
-    headers = {"Authorization": f"Bearer {API_KEY}"}
-    async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=60) as client:
+    async with service_client(service) as client:
         yield client
 
 

@@ -15,13 +15,14 @@ from uuid import uuid4
 import asyncpg
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from ourvidz_serve.observability.dashboard import metric_names_in_dashboard
 from ourvidz_serve.observability.metrics import FAMILIES
 from ourvidz_serve.persistence.database import start_embedded_postgres
+from tests.e2e.conftest import service_client
 from tests.e2e.test_serve_lifecycle import finished
 from tests.launcher import NO_USER_LIMITS, RunningService, run_service
+from tests.support.prometheus import parse, total
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.e2e
@@ -64,24 +65,8 @@ def metrics_service(
 
 @pytest.fixture
 async def client(metrics_service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=metrics_service.base_url,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=60,
-    ) as http:
+    async with service_client(metrics_service) as http:
         yield http
-
-
-def parse(text: str) -> dict[str, tuple[str, list]]:
-    return {f.name: (f.type, f.samples) for f in text_string_to_metric_families(text)}
-
-
-def total(samples: list, name: str, **labels: str) -> float:
-    return sum(
-        s.value
-        for s in samples
-        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
-    )
 
 
 async def scrape_until(

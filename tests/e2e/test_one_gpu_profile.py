@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from ourvidz_serve.catalog import JOB_TYPES
+from tests.e2e.conftest import service_client
 from tests.e2e.test_serve_lifecycle import finished
 from tests.launcher import NO_USER_LIMITS, REPO_ROOT, RunningService, run_service
 
@@ -42,11 +43,7 @@ def one_gpu_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runnin
 
 @pytest.fixture
 async def client(one_gpu_service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(
-        base_url=one_gpu_service.base_url,
-        headers={"Authorization": f"Bearer {API_KEY}"},
-        timeout=60,
-    ) as http:
+    async with service_client(one_gpu_service) as http:
         yield http
 
 
