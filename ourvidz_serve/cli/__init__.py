@@ -12,10 +12,10 @@ service; ``plan``: something does not fit), 2 wrong arguments or input.
 
 from __future__ import annotations
 
-from ourvidz_serve.cli import jobs, migrate, plan
+from ourvidz_serve.cli import jobs, kuberay, migrate, plan
 from ourvidz_serve.cli.common import EXIT_NO, EXIT_OK, EXIT_USAGE, app
 
-__all__ = ["EXIT_NO", "EXIT_OK", "EXIT_USAGE", "app", "jobs", "migrate", "plan"]
+__all__ = ["EXIT_NO", "EXIT_OK", "EXIT_USAGE", "app", "jobs", "kuberay", "migrate", "plan"]
 
 if __name__ == "__main__":  # pragma: no cover
     app()
