@@ -5,6 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # The CPU build of torch; installed first so that no dependency range can pull a CUDA build.
 TORCH_SPEC := torch==2.13.0
+# The platform's TypeScript types (generated from schemas/) and the pinned tools that the
+# tests generate and compile them with; `npm ci` reruns when the lock file changes.
+CLIENT := clients/typescript
+NPM_STAMP := $(CLIENT)/node_modules/.installed
 
 .PHONY: serve test lint typecheck schemas clean
 
@@ -14,6 +18,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC) -e '.[dev]'
 	touch $(STAMP)
+
+$(NPM_STAMP): $(CLIENT)/package.json $(CLIENT)/package-lock.json
+	cd $(CLIENT) && npm ci --no-audit --no-fund
+	touch $(NPM_STAMP)
 
 serve: $(STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/serve run serve_config.yaml
@@ -25,11 +33,12 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck
+test: lint typecheck $(NPM_STAMP)
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra
 
-schemas: $(STAMP)
+schemas: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m ourvidz_serve.schemas
+	cd $(CLIENT) && npm run --silent generate
 
 clean:
-	rm -rf $(VENV) .ourvidz .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .ourvidz .pytest_cache .mypy_cache .ruff_cache $(CLIENT)/node_modules

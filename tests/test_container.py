@@ -229,6 +229,7 @@ def test_dockerignore_keeps_local_state_caches_tests_and_weights_out():
         "ourvidz_serve/__pycache__/settings.cpython-311.pyc",
         "ourvidz_serve.egg-info",
         "tests/e2e",
+        "clients/typescript/node_modules/typescript/package.json",
         "build",
         ".env",
         "models/sdxl.safetensors",
