@@ -19,7 +19,9 @@ environment with their process titles).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,12 +56,22 @@ class RunningService:
     ray_tmpdir: Path
     # pid of `serve run`, also the session id of the processes it starts.
     serve_pid: int
+    # GCS address of a cluster started by run_cluster_service (None: serve run's own Ray).
+    ray_address: str | None = None
 
 
 def free_loopback_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class RayNode:
+    """A node of a Ray cluster started with ``ray start`` on this machine."""
+
+    num_cpus: float
+    num_gpus: int = 0
 
 
 @contextlib.contextmanager
@@ -81,11 +93,88 @@ def run_service(
     which win over ``OURVIDZ_*`` variables).
     """
     port = free_loopback_port()
+    config_path = _write_config(workdir, config, port, deployment_overrides, app_args)
+    base_url = f"http://127.0.0.1:{port}"
+    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ovz", dir="/tmp"))
+    env = _service_env(workdir, ray_tmpdir, api_key, base_url, extra_env)
+    try:
+        with _serve_run([str(config_path)], workdir, env, api_key, start_timeout_s) as running:
+            yield running
+    finally:
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def run_cluster_service(
+    workdir: Path,
+    *,
+    api_key: str,
+    head: RayNode,
+    workers: Sequence[RayNode],
+    config: Path = REPO_ROOT / "serve_config.yaml",
+    extra_env: Mapping[str, str] | None = None,
+    app_args: Mapping[str, object] | None = None,
+    start_timeout_s: float = 300,
+) -> Iterator[RunningService]:
+    """Start a Ray cluster of ``head`` and ``workers`` on this machine, then ``serve run``.
+
+    Each node is a ``ray start --block`` with its own resources, as on a real cluster (or a
+    KubeRay pod): its processes get their environment, the ``OURVIDZ_*`` settings included,
+    from that node's ``ray start``. All nodes share one IP (127.0.0.1), so every port a node
+    would bind by default (the dashboard agent's, the metrics export's) is given explicitly,
+    and Serve's HTTP proxy runs on the head only.
+    """
+    port = free_loopback_port()
+    config_path = _write_config(workdir, config, port, None, app_args, proxy_location="HeadOnly")
+    base_url = f"http://127.0.0.1:{port}"
+    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ovz", dir="/tmp"))
+    env = _service_env(workdir, ray_tmpdir, api_key, base_url, extra_env)
+    # Token authentication, as Ray 2.60 turns on for a cluster, with a token of this cluster's
+    # own: every node, the driver and the probes read it; ~/.ray/auth_token is left alone.
+    token_path = workdir / "ray_auth_token"
+    token_path.write_text(secrets.token_hex(32))
+    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    gcs_port = free_loopback_port()
+    address = f"127.0.0.1:{gcs_port}"
+    nodes: list[subprocess.Popen[bytes]] = []
+    try:
+        head_args = ["--head", f"--port={gcs_port}", "--dashboard-host=127.0.0.1"]
+        head_args += [f"--dashboard-port={free_loopback_port()}"]
+        head_args += [f"--ray-client-server-port={free_loopback_port()}"]
+        nodes.append(_start_node(workdir / "head.log", env, head, head_args))
+        _wait_for_nodes(address, env, 1, nodes, start_timeout_s)
+        for index, worker in enumerate(workers):
+            log_path = workdir / f"worker-{index}.log"
+            nodes.append(_start_node(log_path, env, worker, [f"--address={address}"]))
+        _wait_for_nodes(address, env, 1 + len(workers), nodes, start_timeout_s)
+        command = ["--address", address, str(config_path)]
+        with _serve_run(command, workdir, env, api_key, start_timeout_s, address) as running:
+            yield running
+    finally:
+        for node in nodes:
+            _stop(node, signal.SIGTERM)
+        for node in nodes:
+            _kill_instance(ray_tmpdir, node.pid)
+        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def _write_config(
+    workdir: Path,
+    config: Path,
+    port: int,
+    deployment_overrides: Mapping[str, Mapping[str, object]] | None,
+    app_args: Mapping[str, object] | None,
+    proxy_location: str | None = None,
+) -> Path:
     serve_config = yaml.safe_load(config.read_text())
-    serve_config["http_options"]["port"] = port
+    # Tests listen on loopback only, whatever host the profile binds in production.
+    serve_config["http_options"] |= {"host": "127.0.0.1", "port": port}
+    if proxy_location is not None:
+        serve_config["proxy_location"] = proxy_location
     application = serve_config["applications"][0]
     application["args"] = {**(application.get("args") or {}), **(app_args or {})}
-    for deployment in serve_config["applications"][0]["deployments"]:
+    for deployment in application["deployments"]:
         for key, value in (deployment_overrides or {}).get(deployment["name"], {}).items():
             if isinstance(value, Mapping):
                 deployment[key] = {**deployment.get(key, {}), **value}
@@ -93,43 +182,139 @@ def run_service(
                 deployment[key] = value
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config))
-    base_url = f"http://127.0.0.1:{port}"
-    data_dir = workdir / "data"
-    # Short: Ray's Unix socket paths under it must stay within 107 bytes.
-    ray_tmpdir = Path(tempfile.mkdtemp(prefix="ovz", dir="/tmp"))
+    return config_path
+
+
+def _service_env(
+    workdir: Path,
+    ray_tmpdir: Path,
+    api_key: str,
+    base_url: str,
+    extra_env: Mapping[str, str] | None,
+) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OURVIDZ_", "RAY_ADDRESS"))}
-    env |= {
+    return env | {
         "RAY_TMPDIR": str(ray_tmpdir),
-        "OURVIDZ_DATA_DIR": str(data_dir),
+        "OURVIDZ_DATA_DIR": str(workdir / "data"),
         "OURVIDZ_API_KEYS": api_key,
         "OURVIDZ_PUBLIC_BASE_URL": base_url,
         **(extra_env or {}),
     }
-    bin_dir = Path(sys.executable).parent
+
+
+@contextlib.contextmanager
+def _serve_run(
+    arguments: Sequence[str],
+    workdir: Path,
+    env: Mapping[str, str],
+    api_key: str,
+    start_timeout_s: float,
+    ray_address: str | None = None,
+) -> Iterator[RunningService]:
+    base_url = env["OURVIDZ_PUBLIC_BASE_URL"]
+    ray_tmpdir = Path(env["RAY_TMPDIR"])
     log_path = workdir / "serve.log"
-    try:
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                [str(bin_dir / "serve"), "run", str(config_path)],
-                cwd=REPO_ROOT,
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-    except BaseException:
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
-        raise
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [str(Path(sys.executable).parent / "serve"), "run", *arguments],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_until_ready(base_url, api_key, process, log_path, start_timeout_s)
-        yield RunningService(base_url, data_dir, log_path, api_key, ray_tmpdir, process.pid)
+        yield RunningService(
+            base_url, workdir / "data", log_path, api_key, ray_tmpdir, process.pid, ray_address
+        )
     finally:
         _stop(process)
-        _stop_embedded_postgres(data_dir / "postgres")
+        _stop_embedded_postgres(workdir / "data" / "postgres")
         _kill_instance(ray_tmpdir, process.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
-        shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def _start_node(
+    log_path: Path, env: Mapping[str, str], node: RayNode, arguments: Sequence[str]
+) -> subprocess.Popen[bytes]:
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--block", *arguments]
+    command += ["--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    command += [f"--num-cpus={node.num_cpus}", f"--num-gpus={node.num_gpus}"]
+    command += [f"--metrics-export-port={free_loopback_port()}"]
+    command += [f"--dashboard-agent-listen-port={free_loopback_port()}"]
+    command += [f"--object-store-memory={256 * 1024 * 1024}"]
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for_nodes(
+    address: str,
+    env: Mapping[str, str],
+    count: int,
+    nodes: Sequence[subprocess.Popen[bytes]],
+    timeout_s: float,
+) -> None:
+    """Wait until ``count`` nodes are alive in the cluster at ``address``."""
+    script = (
+        "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False);"
+        "print(sum(node['Alive'] for node in ray.nodes()))"
+    )
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(node.poll() is not None for node in nodes):
+            raise RuntimeError(f"a ray start exited early (rc {[n.poll() for n in nodes]})")
+        result = subprocess.run(
+            [sys.executable, "-c", script, address],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if result.returncode == 0 and int(result.stdout.split()[-1]) >= count:
+            return
+        time.sleep(1)
+    raise RuntimeError(
+        f"fewer than {count} Ray nodes alive in {timeout_s}s:\n{result.stderr[-3000:]}"
+    )
+
+
+_PLACEMENT_SCRIPT = """
+import json, sys
+import ray
+from ray.util.state import list_actors
+ray.init(address=sys.argv[1], log_to_driver=False)
+nodes = [
+    {"node_id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]
+]
+replicas = {}
+for actor in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
+    prefix, _, name = actor.class_name.rpartition(":")
+    if prefix.startswith("ServeReplica:"):
+        replicas.setdefault(name, []).append(actor.node_id)
+print(json.dumps({"nodes": nodes, "replicas": replicas}))
+"""
+
+
+def cluster_placement(service: RunningService) -> dict[str, object]:
+    """The alive nodes (id, resources) and the node of each Serve replica, by deployment."""
+    assert service.ray_address is not None, "a service of run_cluster_service"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    env |= {"RAY_TMPDIR": str(service.ray_tmpdir), "RAY_AUTH_MODE": "token"}
+    env["RAY_AUTH_TOKEN_PATH"] = str(service.log_path.parent / "ray_auth_token")
+    result = subprocess.run(
+        [sys.executable, "-c", _PLACEMENT_SCRIPT, service.ray_address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    placement: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
+    return placement
 
 
 def replica_pids(service: RunningService, deployment: str) -> list[int]:
@@ -164,10 +349,11 @@ def _wait_until_ready(
     raise RuntimeError(f"service not ready in {timeout_s}s:\n{log_path.read_text()[-5000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Ctrl-C for ``serve run``: it shuts Serve down, then the Ray instance it started."""
+def _stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGINT) -> None:
+    """Ctrl-C for ``serve run`` (it shuts Serve down, then any Ray instance it started);
+    SIGTERM for ``ray start --block`` (it stops its node's processes)."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, sig)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=60)
 

@@ -8,7 +8,7 @@ from ray.serve.handle import DeploymentHandle
 
 from ourvidz_serve.api.app import create_app
 from ourvidz_serve.deployments.client import RayModelClient
-from ourvidz_serve.deployments.metrics import RayNodeFeed, node_export_url, ray_metrics_recorder
+from ourvidz_serve.deployments.metrics import RayClusterFeed, ray_metrics_recorder
 from ourvidz_serve.deployments.models import alive_nodes
 from ourvidz_serve.settings import Settings
 
@@ -28,7 +28,7 @@ class IngressDeployment:
             settings,
             RayModelClient(sdxl, wan, enhancer),
             ray_metrics_recorder(),
-            RayNodeFeed(node_export_url()),
+            RayClusterFeed(),
         )
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -1,15 +1,17 @@
-"""The metric families in Ray's metrics API, and this node's export read back for ``/metrics``.
+"""The metric families in Ray's metrics API, and the cluster's export read back for ``/metrics``.
 
-Each process records through ``ray.util.metrics``; Ray's agent on each node exports every
-process's series at the node's metrics export port (8080 under KubeRay, random under
-``serve run``) as ``ray_<name>``. Prometheus scrapes that port on every node; the ingress
-reads it on its own node so that ``GET /metrics`` shows the whole application on one machine.
+Each process records through ``ray.util.metrics``; Ray's agent on each node exports the series
+of that node's processes at the node's metrics export port (8080 under KubeRay, random under
+``serve run``) as ``ray_<name>``. Prometheus scrapes that port on every node; the ingress reads
+it on every alive node at scrape time, so that ``GET /metrics`` shows the whole application
+whether its replicas share one machine or are spread over a cluster.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import httpx
 import ray
@@ -63,27 +65,38 @@ def ray_metrics_recorder() -> Metrics:
     return Metrics(RayBackend())
 
 
-def node_export_url() -> str:
-    """Prometheus URL of the metrics export of the node this process runs on."""
-    node_id = ray.get_runtime_context().get_node_id()
-    for node in ray.nodes():
-        if node["NodeID"] == node_id:
-            return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
-    raise RuntimeError(f"node {node_id} is not in ray.nodes()")
+def node_export_urls() -> list[str]:
+    """Prometheus URLs of the metrics export of every alive node of the cluster."""
+    return [
+        f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
 
 
-class RayNodeFeed:
-    """Reads this node's Ray metrics export (every replica on the node, every family)."""
+class RayClusterFeed:
+    """Reads Ray's metrics export of every alive node (every replica, every family).
 
-    def __init__(self, url: str) -> None:
-        self._url = url
+    The node list is read at each scrape, so replicas on nodes the autoscaler added count as
+    soon as their node is up. A node that does not answer in time is left out and logged: a
+    scrape shows what it can rather than failing.
+    """
+
+    def __init__(self, urls: Callable[[], list[str]] = node_export_urls) -> None:
+        self._urls = urls
 
     async def exported(self) -> str:
+        urls = await asyncio.to_thread(self._urls)  # a GCS call: off the event loop
+        async with httpx.AsyncClient(timeout=EXPORT_TIMEOUT_S, trust_env=False) as client:
+            texts = await asyncio.gather(*(self._read(client, url) for url in urls))
+        return "\n".join(texts)
+
+    @staticmethod
+    async def _read(client: httpx.AsyncClient, url: str) -> str:
         try:
-            async with httpx.AsyncClient(timeout=EXPORT_TIMEOUT_S, trust_env=False) as client:
-                response = await client.get(self._url)
-                response.raise_for_status()
-                return response.text
+            response = await client.get(url)
+            response.raise_for_status()
+            return response.text
         except httpx.HTTPError as exc:
-            logger.warning("Ray's metrics export at %s did not answer: %r", self._url, exc)
+            logger.warning("Ray's metrics export at %s did not answer: %r", url, exc)
             return ""

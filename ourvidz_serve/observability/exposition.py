@@ -1,6 +1,6 @@
 """The text ``GET /metrics`` answers: the recorded families, and those read at scrape time.
 
-Recorded figures arrive as Prometheus text: Ray's export of the node (families named
+Recorded figures arrive as Prometheus text: Ray's export of each node (families named
 ``ray_ourvidz_*``, one series per process) or a local registry (``ourvidz_*``). They are
 renamed to ``ourvidz_*``, the labels Ray adds (process, node, session, ...) are dropped, and
 series left with the same labels are added up, so a counter counts across replicas.
@@ -125,7 +125,7 @@ def render(*sources: Iterable[Metric]) -> bytes:
 
 
 class MetricsFeed(Protocol):
-    """Where the recorded figures are read: Ray's export of this node, or a local registry."""
+    """Where the recorded figures are read: Ray's export of every node, or a local registry."""
 
     async def exported(self) -> str:
         """Prometheus text holding (among others) the ``ourvidz_*`` families."""

@@ -9,10 +9,11 @@ Where the figures go depends on the process, not on the code that records them:
   ``ray_``: ``ray_ourvidz_jobs_finished_total``.
 - Without Ray (tests, the app in-process) it writes to a ``prometheus_client`` registry.
 
-``GET /metrics`` on the ingress shows both as ``ourvidz_*``: the node's Ray export (so every
-replica on a single node is counted, whichever process recorded it) with the ``ray_`` prefix
-and Ray's process labels taken off, plus figures read from PostgreSQL at scrape time (queue
-lengths, jobs of the last hour, error rate). This module needs neither Ray nor a database.
+``GET /metrics`` on the ingress shows both as ``ourvidz_*``: the Ray export of every alive
+node (so every replica is counted, whichever process on whichever node recorded it) with the
+``ray_`` prefix and Ray's process labels taken off, plus figures read from PostgreSQL at
+scrape time (queue lengths, jobs of the last hour, error rate). This module needs neither
+Ray nor a database.
 """
 
 from __future__ import annotations

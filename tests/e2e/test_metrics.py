@@ -1,14 +1,14 @@
 """``GET /metrics`` on a running application with two SDXL replicas.
 
-The workers record through Ray's metrics API in their own processes; the ingress reads the
-node's Ray export back, so its ``/metrics`` counts the jobs of both replicas.
+The workers record through Ray's metrics API in their own processes; the ingress reads Ray's
+export back, so its ``/metrics`` counts the jobs of both replicas (``test_cluster.py`` shows
+the same across two nodes).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import time
 from collections.abc import AsyncIterator, Iterator
 from uuid import uuid4
 
@@ -22,7 +22,7 @@ from ourvidz_serve.persistence.database import start_embedded_postgres
 from tests.e2e.conftest import service_client
 from tests.e2e.test_serve_lifecycle import finished
 from tests.launcher import NO_USER_LIMITS, RunningService, run_service
-from tests.support.prometheus import parse, total
+from tests.support.prometheus import scrape_until, total
 from tests.support.webhook_receiver import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.e2e
@@ -67,20 +67,6 @@ def metrics_service(
 async def client(metrics_service: RunningService) -> AsyncIterator[httpx.AsyncClient]:
     async with service_client(metrics_service) as http:
         yield http
-
-
-async def scrape_until(
-    http: httpx.AsyncClient, ready: callable, timeout_s: float = 90
-) -> dict[str, tuple[str, list]]:
-    """Ray exports what processes record every few seconds: scrape until it has arrived."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        response = await http.get("/metrics")
-        assert response.status_code == 200, response.text
-        families = parse(response.text)
-        if ready(families) or time.monotonic() > deadline:
-            return families
-        await asyncio.sleep(2)
 
 
 async def test_metrics_after_a_mixed_workload_count_the_jobs_of_both_sdxl_replicas(

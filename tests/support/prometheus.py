@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
+
+import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
@@ -18,3 +23,20 @@ def total(samples: list[Sample], name: str, **labels: str) -> float:
         for s in samples
         if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
     )
+
+
+Families = dict[str, tuple[str, list[Sample]]]
+
+
+async def scrape_until(
+    http: httpx.AsyncClient, ready: Callable[[Families], bool], timeout_s: float = 90
+) -> Families:
+    """Ray exports what processes record every few seconds: scrape until it has arrived."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = await http.get("/metrics")
+        assert response.status_code == 200, response.text
+        families = parse(response.text)
+        if ready(families) or time.monotonic() > deadline:
+            return families
+        await asyncio.sleep(2)
