@@ -113,7 +113,6 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         1_048_576, ge=1024, description="Largest request body of a JSON route (413 above it)"
     )
-    max_json_depth: int = Field(32, ge=2, description="Deepest nesting a JSON body may have")
     reference_max_bytes: int = Field(
         16_777_216, ge=1024, description="Largest reference image, uploaded or fetched"
     )
