@@ -190,7 +190,7 @@ def test_provisioning_loads_the_dashboard_from_its_folder_with_its_datasource(da
 
     # The README's instructions mount the JSON in the provider's folder and both snippets.
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Dashboards", 1)[1].split("\n## ", 1)[0]
+    section = readme.split("\n### Grafana dashboard\n", 1)[1].split("\n## ", 1)[0]
     assert f"dashboards/ourvidz.json:{folder}/ourvidz.json" in section
     assert "dashboards/provisioning/dashboards.yaml:/etc/grafana/provisioning/dashboards/" in (
         section
