@@ -17,6 +17,15 @@ from tests.inprocess import TinyRunners
 TEST_API_KEY = "test-service-key"
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the tests of the session-wide e2e service last.
+
+    That service lives until the session ends; the e2e tests that start a Serve application
+    (or a Ray cluster) of their own would otherwise share the 2 CPUs with its idle replicas.
+    """
+    items.sort(key=lambda item: "service" in getattr(item, "fixturenames", ()))
+
+
 @pytest.fixture(scope="session")
 def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A database for the tests: ``DATABASE_URL`` if set, else an embedded server."""

@@ -152,7 +152,8 @@ def run_cluster_service(
         with _serve_run(command, workdir, env, api_key, start_timeout_s, address) as running:
             yield running
     finally:
-        for node in nodes:
+        # Workers first: a node drains through the head's GCS, and waits 30 s for a gone one.
+        for node in reversed(nodes):
             _stop(node, signal.SIGTERM)
         for node in nodes:
             _kill_instance(ray_tmpdir, node.pid)
