@@ -130,11 +130,8 @@ def run_cluster_service(
     base_url = f"http://127.0.0.1:{port}"
     ray_tmpdir = Path(tempfile.mkdtemp(prefix="ovz", dir="/tmp"))
     env = _service_env(workdir, ray_tmpdir, api_key, base_url, extra_env)
-    # Token authentication, as Ray 2.60 turns on for a cluster, with a token of this cluster's
-    # own: every node, the driver and the probes read it; ~/.ray/auth_token is left alone.
-    token_path = workdir / "ray_auth_token"
-    token_path.write_text(secrets.token_hex(32))
-    env |= {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
+    env |= _cluster_auth_env(workdir)
+    Path(env["RAY_AUTH_TOKEN_PATH"]).write_text(secrets.token_hex(32))
     gcs_port = free_loopback_port()
     address = f"127.0.0.1:{gcs_port}"
     nodes: list[subprocess.Popen[bytes]] = []
@@ -153,11 +150,22 @@ def run_cluster_service(
             yield running
     finally:
         # Workers first: a node drains through the head's GCS, and waits 30 s for a gone one.
+        # The signal goes to `ray start` alone, which drains, then stops its node's processes;
+        # its process group holds the GCS, which must outlive the drain.
         for node in reversed(nodes):
-            _stop(node, signal.SIGTERM)
+            node.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                node.wait(timeout=60)
         for node in nodes:
             _kill_instance(ray_tmpdir, node.pid)
         shutil.rmtree(ray_tmpdir, ignore_errors=True)
+
+
+def _cluster_auth_env(workdir: Path) -> dict[str, str]:
+    """Token authentication, as Ray 2.60 turns on for a cluster, with a token of the cluster's
+    own under ``workdir``: every node, the driver and the probes read it; ~/.ray/auth_token is
+    left alone."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(workdir / "ray_auth_token")}
 
 
 def _write_config(
@@ -232,7 +240,8 @@ def _serve_run(
     finally:
         _stop(process)
         _stop_embedded_postgres(workdir / "data" / "postgres")
-        _kill_instance(ray_tmpdir, process.pid)
+        if ray_address is None:  # serve run's own Ray; a cluster's nodes are stopped by its owner
+            _kill_instance(ray_tmpdir, process.pid)
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=10)
 
@@ -260,21 +269,12 @@ def _wait_for_nodes(
     timeout_s: float,
 ) -> None:
     """Wait until ``count`` nodes are alive in the cluster at ``address``."""
-    script = (
-        "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False);"
-        "print(sum(node['Alive'] for node in ray.nodes()))"
-    )
+    script = "import ray; print(sum(node['Alive'] for node in ray.nodes()))"
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if any(node.poll() is not None for node in nodes):
             raise RuntimeError(f"a ray start exited early (rc {[n.poll() for n in nodes]})")
-        result = subprocess.run(
-            [sys.executable, "-c", script, address],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
+        result = _run_driver(address, env, script)
         if result.returncode == 0 and int(result.stdout.split()[-1]) >= count:
             return
         time.sleep(1)
@@ -283,11 +283,24 @@ def _wait_for_nodes(
     )
 
 
+def _run_driver(
+    address: str, env: Mapping[str, str], script: str
+) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a Python process connected to the cluster at ``address`` as a driver."""
+    connect = "import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False)\n"
+    return subprocess.run(
+        [sys.executable, "-c", connect + script, address],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
 _PLACEMENT_SCRIPT = """
-import json, sys
+import json
 import ray
 from ray.util.state import list_actors
-ray.init(address=sys.argv[1], log_to_driver=False)
 nodes = [
     {"node_id": n["NodeID"], "resources": n["Resources"]} for n in ray.nodes() if n["Alive"]
 ]
@@ -304,16 +317,9 @@ def cluster_placement(service: RunningService) -> dict[str, object]:
     """The alive nodes (id, resources) and the node of each Serve replica, by deployment."""
     assert service.ray_address is not None, "a service of run_cluster_service"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env |= {"RAY_TMPDIR": str(service.ray_tmpdir), "RAY_AUTH_MODE": "token"}
-    env["RAY_AUTH_TOKEN_PATH"] = str(service.log_path.parent / "ray_auth_token")
-    result = subprocess.run(
-        [sys.executable, "-c", _PLACEMENT_SCRIPT, service.ray_address],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=True,
-    )
+    env |= {"RAY_TMPDIR": str(service.ray_tmpdir), **_cluster_auth_env(service.log_path.parent)}
+    result = _run_driver(service.ray_address, env, _PLACEMENT_SCRIPT)
+    assert result.returncode == 0, result.stderr[-3000:]
     placement: dict[str, object] = json.loads(result.stdout.splitlines()[-1])
     return placement
 
@@ -350,11 +356,10 @@ def _wait_until_ready(
     raise RuntimeError(f"service not ready in {timeout_s}s:\n{log_path.read_text()[-5000:]}")
 
 
-def _stop(process: subprocess.Popen[bytes], sig: signal.Signals = signal.SIGINT) -> None:
-    """Ctrl-C for ``serve run`` (it shuts Serve down, then any Ray instance it started);
-    SIGTERM for ``ray start --block`` (it stops its node's processes)."""
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Ctrl-C for ``serve run``: it shuts Serve down, then the Ray instance it started."""
     with contextlib.suppress(ProcessLookupError):
-        os.killpg(process.pid, sig)
+        os.killpg(process.pid, signal.SIGINT)
     with contextlib.suppress(subprocess.TimeoutExpired):
         process.wait(timeout=60)
 
