@@ -12,6 +12,20 @@
 ARG RAY_VERSION=2.60.0
 ARG CUDA=cu130
 
+# The package as a wheel, built from its sources and its SQL (schemas/migrations and
+# schemas/queries are package data, see pyproject.toml): the image gets the wheel alone, not
+# the source tree. The same base as the image (already pulled, the same Python and pip); pip
+# fetches the build backend (setuptools) for this stage only. As the `ray` user, in a folder
+# it owns: pip builds in the source folder.
+FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA} AS wheel
+USER 1000:100
+RUN mkdir -p /home/ray/build
+WORKDIR /home/ray/build
+COPY --chown=1000:100 pyproject.toml README.md ./
+COPY --chown=1000:100 schemas/ schemas/
+COPY --chown=1000:100 ourvidz_serve/ ourvidz_serve/
+RUN pip wheel --no-cache-dir --no-deps --disable-pip-version-check --wheel-dir /home/ray/dist .
+
 FROM rayproject/ray:${RAY_VERSION}-py311-${CUDA}
 
 ARG RAY_VERSION
@@ -55,16 +69,18 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install --no-cache-dir --requirement /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-# 3. The source, the SQL it reads at run time, and the Serve configs. The package finds
-#    schemas/ next to its source directory (ourvidz_serve/persistence/{migrations,queries}.py),
-#    so it is installed in place (editable), as `make` does: a plain wheel install would have
-#    no SQL. Every dependency is already there, so nothing is downloaded and torch stays.
-COPY --chown=1000:100 README.md serve_config.yaml ./
+# 3. The package: the wheel of the `wheel` stage (the SQL inside it), not an editable install
+#    of the source tree, which the image does not hold. Every dependency is already there
+#    (--no-deps), so nothing is downloaded and torch stays. The Serve configs go to the
+#    working directory, where the default command reads them. The checks: the CUDA torch, and
+#    the SQL found as package data from outside any source tree.
+COPY --chown=1000:100 serve_config.yaml ./
 COPY --chown=1000:100 deployments/ deployments/
-COPY --chown=1000:100 schemas/ schemas/
-COPY --chown=1000:100 ourvidz_serve/ ourvidz_serve/
-RUN pip install --no-cache-dir --editable . \
-    && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${CUDA}', torch.__version__"
+COPY --from=wheel --chown=1000:100 /home/ray/dist/ourvidz_serve-*.whl /tmp/
+RUN pip install --no-cache-dir --no-deps /tmp/ourvidz_serve-*.whl \
+    && rm /tmp/ourvidz_serve-*.whl \
+    && python -c "import torch; assert torch.__version__ == '${TORCH_VERSION}+${CUDA}', torch.__version__" \
+    && python -c "from ourvidz_serve.persistence import migrations, queries; assert migrations.load_migrations() and queries.load_queries()"
 
 # The `weights` profile by default: with no OURVIDZ_API_KEYS or a missing checkpoint the
 # service refuses to start (no development key, no silent noise). The tiny profile runs with

@@ -10,7 +10,7 @@ TORCH_SPEC := torch==2.13.0
 CLIENT := clients/typescript
 NPM_STAMP := $(CLIENT)/node_modules/.installed
 
-.PHONY: serve test lint typecheck schemas clean
+.PHONY: serve test lint typecheck schemas clean pgbouncer
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,8 +33,18 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(NPM_STAMP)
+test: lint typecheck $(NPM_STAMP) pgbouncer
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra
+
+# The tests run the service behind PgBouncer in transaction mode (as on Supabase): Debian's
+# package, installed when missing (as root, or through sudo); no test is ever skipped for it.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get install -y pgbouncer || { $$SUDO apt-get update && $$SUDO apt-get install -y pgbouncer; }; \
+	}
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
+		echo "pgbouncer is required by the tests and could not be installed" >&2; exit 1; }
 
 schemas: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m ourvidz_serve.schemas

@@ -85,10 +85,27 @@ class Settings(BaseSettings):
         '{"video_fast": "first_block"}; off for every type by default',
     )
 
-    database_url: SecretStr | None = None
+    database_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL DSN; may point at a transaction-mode pooler (PgBouncer, "
+        "Supavisor): nothing over it relies on session state or startup parameters",
+    )
+    database_direct_url: SecretStr | None = Field(
+        None,
+        description="A session (direct) DSN for LISTEN and migrations; unset: database_url",
+    )
     data_dir: Path = Path("./.ourvidz")
     db_pool_min_size: int = 2
     db_pool_max_size: int = 10
+    db_command_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="Longest any one statement may take: a half-open socket or a lock wait "
+        "ends in an error the caller retries, never a loop hung for ever",
+    )
+    db_acquire_timeout_s: float = Field(
+        10.0, gt=0, description="Longest wait for a pooled connection"
+    )
 
     storage_backend: StorageBackend = StorageBackend.LOCAL
     s3_endpoint_url: str | None = None
@@ -208,6 +225,18 @@ class Settings(BaseSettings):
         "keep it below the deployment's graceful_shutdown_timeout_s",
     )
     storage_put_attempts: int = Field(5, ge=1, description="Tries per file upload")
+    loop_restart_max_s: float = Field(
+        5.0, gt=0, description="Longest backoff before a failed background loop runs again"
+    )
+    loop_stall_s: float = Field(
+        60.0,
+        gt=0,
+        description="A background loop failing for this long without a success fails the "
+        "replica's health check (Serve then replaces the replica)",
+    )
+    health_db_timeout_s: float = Field(
+        5.0, gt=0, description="The health check fails when the pool cannot answer in this time"
+    )
     record_retry_s: float = Field(
         600.0,
         gt=0,
@@ -252,6 +281,15 @@ class Settings(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _direct_url_of_the_same_database(self) -> Settings:
+        if self.database_direct_url is not None and self.database_url is None:
+            raise ValueError(
+                "OURVIDZ_DATABASE_DIRECT_URL needs OURVIDZ_DATABASE_URL: it is the session "
+                "connection of that database (without it, the embedded PostgreSQL is used)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _signed_callbacks(self) -> Settings:
         if self.callback_url is not None and self.callback_secret is None:
             raise ValueError("OURVIDZ_CALLBACK_URL needs OURVIDZ_CALLBACK_SECRET to sign them")
@@ -265,8 +303,8 @@ class Settings(BaseSettings):
                 values.append(secret.get_secret_value())
         if self.callback_secret is not None:
             values.extend(self.callback_secret.get_secret_value().split(","))
-        if self.database_url is not None:
-            password = urlsplit(self.database_url.get_secret_value()).password
+        for dsn in (self.database_url, self.database_direct_url):
+            password = urlsplit(dsn.get_secret_value()).password if dsn is not None else None
             if password:
                 values.append(password)
         return values

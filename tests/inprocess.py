@@ -82,7 +82,7 @@ async def running_workers(
             storage = create_storage(settings)
             await storage.start()
             stack.push_async_callback(storage.close)
-        repository = JobRepository(pool)
+        repository = JobRepository(pool, direct_dsn=settings.database_direct_url)
         workers = [
             QueueWorker(
                 repository,

@@ -23,8 +23,6 @@ import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
 
-from ourvidz_serve.persistence.migrations import DEFAULT_MIGRATIONS_DIR
-from ourvidz_serve.persistence.queries import DEFAULT_QUERIES_DIR
 from ourvidz_serve.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,18 +45,48 @@ def instructions(name: str) -> list[dict]:
     return [i for i in parsed().structure if i["instruction"] == name]
 
 
+def stages() -> dict[str, list[dict]]:
+    """Each stage's instructions, by its name (``AS name``; the final stage: ``""``)."""
+    result: dict[str, list[dict]] = {}
+    current: list[dict] = []
+    for instruction in parsed().structure:
+        if instruction["instruction"] == "FROM":
+            words = instruction["value"].split()
+            name = words[2] if len(words) == 3 and words[1].lower() == "as" else ""
+            current = result.setdefault(name, [])
+        current.append(instruction)
+    return result
+
+
+def final(name: str) -> list[dict]:
+    """The final stage's (the image's) instructions of that kind."""
+    return [i for i in stages()[""] if i["instruction"] == name]
+
+
 def expand(text: str) -> str:
     """``$NAME`` / ``${NAME}`` replaced by the Dockerfile's ARG defaults."""
     args = parsed().args
     return re.sub(r"\$\{?(\w+)\}?", lambda m: args.get(m.group(1), m.group(0)), text)
 
 
-def copies() -> list[tuple[list[str], str]]:
-    """(sources, destination) of every COPY, flags such as --chown left out."""
+def copy_words(instruction: dict) -> tuple[dict[str, str], list[str], str]:
+    """(flags, sources, destination) of a COPY."""
+    words = shlex.split(instruction["value"])
+    flags = dict(w.removeprefix("--").partition("=")[::2] for w in words if w.startswith("--"))
+    paths = [w for w in words if not w.startswith("--")]
+    return flags, paths[:-1], paths[-1]
+
+
+def copies(stage: list[dict] | None = None) -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY from the build context (not ``--from`` a stage),
+    in the whole file or in one stage, flags such as --chown left out."""
     result = []
-    for instruction in instructions("COPY"):
-        words = [w for w in shlex.split(instruction["value"]) if not w.startswith("--")]
-        result.append((words[:-1], words[-1]))
+    for instruction in instructions("COPY") if stage is None else stage:
+        if instruction["instruction"] != "COPY":
+            continue
+        flags, sources, destination = copy_words(instruction)
+        if "from" not in flags:
+            result.append((sources, destination))
     return result
 
 
@@ -100,7 +128,8 @@ def test_hadolint_finds_nothing_at_warning_level_or_above():
 def test_the_base_is_rays_gpu_image_of_the_installed_ray_on_python_311():
     import ray
 
-    [parent] = parsed().parent_images  # single stage
+    # The wheel's build stage and the image: one base (one pull, the same Python and pip).
+    [parent] = set(parsed().parent_images)
     tag = r"(?P<ray>\d+\.\d+\.\d+)-py(?P<py>\d+)-(?P<cuda>cu\d+)"
     match = re.fullmatch(f"rayproject/ray:{tag}", parent)
     assert match, parent
@@ -238,33 +267,56 @@ def test_dockerignore_keeps_local_state_caches_tests_and_weights_out():
         assert dockerignored(path), path
 
 
-def test_the_source_tree_the_package_reads_at_run_time_is_copied_and_installed_in_place():
-    # The SQL is found next to the package's source directory, not inside it (see
-    # ourvidz_serve/persistence/migrations.py and queries.py): the image must hold it at the
-    # same relative place and install the package in place, as `make` does.
-    copied = {source.rstrip("/") for sources, _ in copies() for source in sources}
-    for directory in (DEFAULT_MIGRATIONS_DIR, DEFAULT_QUERIES_DIR):
-        relative = directory.relative_to(REPO)
-        assert {str(relative), *map(str, relative.parents)} & copied, relative
-    assert {"ourvidz_serve", "pyproject.toml", "README.md"} <= copied  # README: the metadata
-    assert {"serve_config.yaml", "deployments"} <= copied
-    for sources, destination in copies():  # each at its own relative place
+def test_the_package_is_a_wheel_built_from_its_sources_and_sql_in_a_stage_of_its_own():
+    # The SQL is package data (pyproject.toml maps ourvidz_serve._sql onto schemas/, see
+    # tests/test_wheel.py): the `wheel` stage copies what the build reads and builds a wheel;
+    # the image installs that wheel and holds no source tree and no editable install.
+    for run in instructions("RUN"):
+        assert "--editable" not in run["value"] and " -e " not in run["value"], run["value"]
+    assert set(stages()) == {"wheel", ""}, set(stages())
+    build = stages()["wheel"]
+    copied = {source.rstrip("/") for sources, _ in copies(build) for source in sources}
+    setuptools = pyproject()["tool"]["setuptools"]
+    mapped = set(setuptools["package-dir"].values())
+    assert mapped == {"schemas"}
+    # README: the metadata (pyproject's readme); the mapped folders hold the SQL.
+    assert {"pyproject.toml", "README.md", "ourvidz_serve", *mapped} <= copied, copied
+    for sources, destination in copies(build):  # each at its own relative place
         assert destination == "./" or [destination] == sources, (sources, destination)
-    [install] = [i["value"] for i in instructions("RUN") if "--editable ." in i["value"]]
-    assert "--no-cache-dir" in install
+    [wheel] = [i["value"] for i in build if i["instruction"] == "RUN" and "pip wheel" in i["value"]]
+    assert "--no-deps" in wheel and "--no-cache-dir" in wheel
+    wheel_dir = re.search(r"--wheel-dir[ =](\S+)", wheel)[1]
+
+    image = stages()[""]
+    image_copies = {source.rstrip("/") for sources, _ in copies(image) for source in sources}
+    assert not {"ourvidz_serve", *mapped} & image_copies, image_copies
+    [from_stage] = [copy_words(i) for i in final("COPY") if "--from=" in i["value"]]
+    flags, [built], destination = from_stage
+    assert flags["from"] == "wheel" and flags["chown"].startswith("1000")
+    assert built == f"{wheel_dir}/ourvidz_serve-*.whl", built
+    [install] = [i["value"] for i in final("RUN") if "ourvidz_serve-*.whl" in i["value"]]
+    assert f"pip install --no-cache-dir --no-deps {destination}ourvidz_serve-*.whl" in install
+    # The build fails when the installed package does not find its SQL.
+    assert "load_migrations()" in install and "load_queries()" in install
+    # Run time reads only the Serve configs from the working directory.
+    assert {"serve_config.yaml", "deployments"} <= image_copies
+    for sources, destination in copies(image):
+        assert destination == "./" or [destination] == sources, (sources, destination)
 
 
-def test_dependencies_are_installed_before_the_source_is_copied():
+def test_dependencies_are_installed_before_the_package():
+    image = stages()[""]
+    run = [i for i in image if i["instruction"] == "RUN"]
     lines = {
-        "torch": next(i for i in instructions("RUN") if "download.pytorch.org" in i["value"]),
-        "deps": next(i for i in instructions("RUN") if "--requirement" in i["value"]),
-        "source": next(i for i in instructions("COPY") if "ourvidz_serve/" in i["value"]),
-        "pyproject": next(i for i in instructions("COPY") if "pyproject.toml" in i["value"]),
+        "torch": next(i for i in run if "download.pytorch.org" in i["value"]),
+        "deps": next(i for i in run if "--requirement" in i["value"]),
+        "package": next(i for i in final("COPY") if "--from=wheel" in i["value"]),
+        "pyproject": next(i for i in final("COPY") if "pyproject.toml" in i["value"]),
     }
     start = {name: i["startline"] for name, i in lines.items()}
-    first_copy = min(i["startline"] for i in instructions("COPY"))
+    first_copy = min(i["startline"] for i in final("COPY"))
     assert start["torch"] < first_copy  # the biggest layer depends on nothing in the repo
-    assert start["pyproject"] < start["deps"] < start["source"]
+    assert start["pyproject"] < start["deps"] < start["package"]
     assert lines["pyproject"]["value"].split()[-2:] == ["pyproject.toml", "./"]
     assert "['project']['dependencies']" in lines["deps"]["value"]
 

@@ -91,6 +91,16 @@ def test_a_callback_url_without_a_signing_secret_is_refused_at_start_up():
     assert Settings(callback_url="https://platform.example/hooks", callback_secret="s").callback_url
 
 
+def test_a_direct_database_url_without_the_pooled_one_is_refused_at_start_up():
+    with pytest.raises(ValueError, match="OURVIDZ_DATABASE_DIRECT_URL needs OURVIDZ_DATABASE_URL"):
+        Settings(database_direct_url="postgresql://db.example:5432/app")
+    both = Settings(
+        database_url="postgresql://u:pooled@pooler.example:6543/app",
+        database_direct_url="postgresql://u:direct@db.example:5432/app",
+    )
+    assert {"pooled", "direct"} <= set(both.secrets()), "both passwords are redacted from logs"
+
+
 @pytest.mark.parametrize(
     ("changes", "refused"),
     [

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -36,7 +34,8 @@ from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
-from ourvidz_serve.workers.reaper import run_reaper
+from ourvidz_serve.workers.reaper import reap_once
+from ourvidz_serve.workers.supervision import Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -57,11 +56,23 @@ async def open_app_state(
         storage = create_storage(settings)
         await storage.start()
         stack.push_async_callback(storage.close)
-        repository = JobRepository(pool)
-        reaper = asyncio.create_task(
-            run_reaper(repository, settings.reaper_interval_s, settings.max_attempts)
+        repository = JobRepository(
+            pool,
+            direct_dsn=settings.database_direct_url,
+            acquire_timeout_s=settings.db_acquire_timeout_s,
         )
-        stack.push_async_callback(_cancelled, reaper)
+        # Its background loops (reaper, callbacks, job events) run supervised: an error is
+        # logged and the loop runs again; the replica's health check reports one that keeps
+        # failing.
+        supervisor = Supervisor(
+            restart_max_s=settings.loop_restart_max_s, stall_s=settings.loop_stall_s
+        )
+        stack.push_async_callback(supervisor.stop)
+
+        async def reap() -> None:
+            await reap_once(repository, settings.max_attempts)
+
+        supervisor.every("reaper", settings.reaper_interval_s, reap)
         references = ReferenceService(
             storage,
             ReferenceFetcher.from_settings(settings),
@@ -78,11 +89,10 @@ async def open_app_state(
         )
         deliverer = deliverer_from_settings(repository, settings, metrics)
         if deliverer is not None:
-            delivering = asyncio.create_task(deliverer.run(), name="callbacks")
-            stack.push_async_callback(_cancelled, delivering)
+            stack.push_async_callback(deliverer.aclose)
+            supervisor.every("callbacks", 0, deliverer.round)
         events = JobEventHub(repository)
-        hub = asyncio.create_task(events.run(), name="job-events")
-        stack.push_async_callback(_cancelled, hub)
+        supervisor.run("job-events", events.run)
         policy = PromptPolicy.from_settings(settings)
         jobs = JobService(
             repository,
@@ -94,6 +104,7 @@ async def open_app_state(
             max_queued_jobs=settings.max_queued_jobs_per_user,
             queued_jobs_retry_after_s=settings.queued_jobs_retry_after_s,
             metrics=metrics,
+            callbacks=settings.callback_url is not None,
         )
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
@@ -107,13 +118,8 @@ async def open_app_state(
             limiter=limiter,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
             metrics_feed=metrics_feed,
+            supervisor=supervisor,
         )
-
-
-async def _cancelled(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 def create_app(

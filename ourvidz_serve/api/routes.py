@@ -53,6 +53,9 @@ async def readyz(
         probe("storage", state.storage.check()),
         probe("models", state.models.check()),
     )
+    # This replica's background loops (reaper, callbacks, job events), each with its last success.
+    problems = state.supervisor.problems()
+    checks["loops"] = f"error: {'; '.join(problems)}" if problems else state.supervisor.report()
     ready = all(value == "ok" or isinstance(value, dict) for value in checks.values())
     body = {"status": "ready" if ready else "not_ready", "checks": checks}
     return JSONResponse(body, status_code=200 if ready else 503)

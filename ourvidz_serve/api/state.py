@@ -14,6 +14,7 @@ from ourvidz_serve.observability.exposition import MetricsFeed
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage
+from ourvidz_serve.workers.supervision import Supervisor
 
 
 @dataclass
@@ -28,3 +29,4 @@ class AppState:
     limiter: RateLimiter
     authenticator: Authenticator
     metrics_feed: MetricsFeed
+    supervisor: Supervisor

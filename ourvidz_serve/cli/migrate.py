@@ -32,17 +32,17 @@ def redact_dsn(dsn: str) -> str:
 
 
 async def run_migrations(settings: Any) -> MigrationReport:
-    """Connect like ``open_database`` (the DSN, or the embedded server under the data dir)
-    and apply the migrations not yet recorded."""
-    import asyncpg
+    """Connect like ``open_database`` (the direct DSN, or the embedded server under the data
+    dir) and apply the migrations not yet recorded."""
+    from ourvidz_serve.persistence.database import (
+        direct_dsn,
+        migrate_direct,
+        start_embedded_postgres,
+    )
 
-    from ourvidz_serve.persistence.database import start_embedded_postgres
-    from ourvidz_serve.persistence.migrations import apply_migrations, load_migrations
-
-    migrations = load_migrations()
     embedded = None
-    if settings.database_url is not None:
-        dsn = settings.database_url.get_secret_value()
+    dsn = direct_dsn(settings)
+    if dsn is not None:
         where = redact_dsn(dsn)
     else:
         directory = settings.embedded_database_dir
@@ -50,14 +50,7 @@ async def run_migrations(settings: Any) -> MigrationReport:
         dsn = str(embedded.get_uri())
         where = f"embedded PostgreSQL under {directory}"
     try:
-        connection = await asyncpg.connect(dsn)
-        try:
-            applied = await apply_migrations(connection, migrations)
-            rows = await connection.fetch(
-                "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
-            )
-        finally:
-            await connection.close()
+        applied, rows = await migrate_direct(dsn, settings)
     finally:
         if embedded is not None:
             await asyncio.to_thread(embedded.cleanup)
@@ -66,7 +59,8 @@ async def run_migrations(settings: Any) -> MigrationReport:
 
 @app.command(
     help="Apply the database migrations (schemas/migrations) with the settings from the "
-    "environment: OURVIDZ_DATABASE_URL, or with none the embedded PostgreSQL under "
+    "environment: OURVIDZ_DATABASE_DIRECT_URL (a session, not a transaction-mode pooler), "
+    "else OURVIDZ_DATABASE_URL, or with neither the embedded PostgreSQL under "
     "OURVIDZ_DATA_DIR (./.ourvidz). Safe to run while the service runs: each migration is "
     "applied once, under an advisory lock. Prints the versions applied."
 )

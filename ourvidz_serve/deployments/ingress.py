@@ -11,6 +11,7 @@ from ourvidz_serve.deployments.client import RayModelClient
 from ourvidz_serve.deployments.metrics import RayClusterFeed, ray_metrics_recorder
 from ourvidz_serve.deployments.models import alive_nodes
 from ourvidz_serve.settings import Settings
+from ourvidz_serve.workers.supervision import check_health
 
 
 @serve.deployment(name="Ingress")
@@ -33,3 +34,15 @@ class IngressDeployment:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return self._app
+
+    async def check_health(self) -> None:
+        """Serve's health check: the ingress's loops (reaper, callbacks, job events) and the
+        database answering in time."""
+        state = getattr(self._app.state, "ourvidz", None)
+        if state is None:  # the app's lifespan has not opened its state yet
+            return
+        await check_health(
+            state.supervisor.problems(),
+            state.repository.ping,
+            state.settings.health_db_timeout_s,
+        )

@@ -35,6 +35,7 @@ from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.handlers import JobHandler
+from ourvidz_serve.workers.supervision import Supervisor, check_health
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 
 
@@ -58,28 +59,41 @@ class _QueueWorkerReplica:
         install_log_redaction(settings.secrets())
         self._stack = AsyncExitStack()
         self._worker: QueueWorker | None = None
+        self._health_db_timeout_s = settings.health_db_timeout_s
+        # One supervisor for every background loop of the replica (the worker's and the
+        # callback deliverer's); check_health reports a loop that keeps failing.
+        self._supervisor = Supervisor(
+            restart_max_s=settings.loop_restart_max_s, stall_s=settings.loop_stall_s
+        )
+        self._stack.push_async_callback(self._supervisor.stop)
         metrics = ray_metrics_recorder()
         reporting = asyncio.create_task(
             report_gpu_memory(metrics, self._deployment, self._runner), name="gpu-memory"
         )
         self._stack.push_async_callback(_stop_task, reporting)
         pool = await self._stack.enter_async_context(open_database(settings))
+        self._repository = JobRepository(
+            pool,
+            direct_dsn=settings.database_direct_url,
+            acquire_timeout_s=settings.db_acquire_timeout_s,
+        )
         storage = create_storage(settings)
         await storage.start()
         self._stack.push_async_callback(storage.close)
         # Callbacks are delivered by every replica with a pool (claims use SKIP LOCKED).
-        deliverer = deliverer_from_settings(JobRepository(pool), settings, metrics)
+        deliverer = deliverer_from_settings(self._repository, settings, metrics)
         if deliverer is not None:
-            delivering = asyncio.create_task(deliverer.run(), name="callbacks")
-            self._stack.push_async_callback(_stop_task, delivering)
+            self._stack.push_async_callback(deliverer.aclose)
+            self._supervisor.every("callbacks", 0, deliverer.round)
         if settings.workers_enabled:
             self._worker = QueueWorker(
-                JobRepository(pool),
+                self._repository,
                 storage,
                 handler_for(storage, metrics),
                 WorkerConfig.for_queue(settings, self._queue),
                 _worker_id(self._deployment),
                 metrics,
+                self._supervisor,
             )
             await self._worker.start()
             self._stack.push_async_callback(self._worker.stop)
@@ -91,7 +105,16 @@ class _QueueWorkerReplica:
         return {BACKLOG_METRIC: float(backlog), RUNNING_METRIC: float(running)}
 
     def ready(self) -> dict[str, Any]:
-        return replica_report(self._runner, self._gpu_share)
+        return replica_report(self._runner, self._gpu_share) | {"loops": self._supervisor.report()}
+
+    async def check_health(self) -> None:
+        """Serve's health check: raises (and Serve replaces the replica, whose shutdown
+        releases its jobs) when a background loop keeps failing, held leases are not being
+        renewed, or the pool cannot answer in time."""
+        problems = self._worker.health_problems() if self._worker is not None else []
+        if self._worker is None:
+            problems = self._supervisor.problems()
+        await check_health(problems, self._repository.ping, self._health_db_timeout_s)
 
     async def __del__(self) -> None:
         stack = getattr(self, "_stack", None)  # absent when __init__ failed early

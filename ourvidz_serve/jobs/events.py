@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from uuid import UUID
 
@@ -28,8 +28,9 @@ class JobEventHub:
         self._repository = repository
         self._subscribers: dict[UUID, set[asyncio.Queue[dict[str, Any]]]] = {}
 
-    async def run(self) -> None:
+    async def run(self, beat: Callable[[], None] = lambda: None) -> None:
         """Listen until cancelled (reconnecting after a database restart)."""
+        beat()
         await self._repository.listen_events(self._on_event)
 
     def _on_event(self, payload: str) -> None:

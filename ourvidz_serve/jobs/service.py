@@ -45,8 +45,10 @@ class JobService:
         max_queued_jobs: int = 0,
         queued_jobs_retry_after_s: float = 15.0,
         metrics: Metrics = NO_METRICS,
+        callbacks: bool = False,  # a callback URL is configured: every job submitted owes one
     ) -> None:
         self._repository = repository
+        self._callbacks = callbacks
         self._metrics = metrics
         self._storage = storage
         self._references = references
@@ -85,6 +87,7 @@ class JobService:
             plan,
             max_queued=self._max_queued_jobs,
             retry_after_s=self._queued_jobs_retry_after_s,
+            owes_callback=self._callbacks,
         )
         if created:
             self._metrics.job_submitted(job.job_type)

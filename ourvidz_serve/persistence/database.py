@@ -35,7 +35,13 @@ def start_embedded_postgres(directory: Path) -> Any:
     return pgserver.get_server(directory, cleanup_mode="stop")
 
 
-CALLBACKS_PARAMETER = "ourvidz.callbacks"
+def direct_dsn(settings: Settings) -> str | None:
+    """The session DSN for migrations (and LISTEN): ``database_direct_url``, else
+    ``database_url``; ``None`` for the embedded server (its URI is known once it runs), which
+    is used whenever ``database_url`` is unset."""
+    if settings.database_url is None:
+        return None
+    return (settings.database_direct_url or settings.database_url).get_secret_value()
 
 
 async def _init_connection(connection: asyncpg.Connection) -> None:
@@ -45,32 +51,63 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
         )
 
 
+async def migrate_direct(
+    dsn: str, settings: Settings, migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
+) -> tuple[list[int], list[asyncpg.Record]]:
+    """Apply the migrations over a connection of their own to ``dsn``, a session (never a
+    transaction-mode pooler: the advisory lock is the session's); return the versions applied
+    now and every recorded one. No command timeout: a migration, or the wait for another
+    replica's, may take longer than any one service statement."""
+    migrations = load_migrations(migrations_dir)
+    connection = await asyncpg.connect(dsn)
+    try:
+        if settings.callback_url is not None:
+            # Read by migration 0007 only: jobs unfinished at the upgrade keep the callback
+            # they were submitted with (0005 took it from this session parameter).
+            await connection.execute("SET ourvidz.callbacks = 'on'")
+        applied = await apply_migrations(connection, migrations)
+        recorded = await connection.fetch(
+            "SELECT version, name, applied_at FROM schema_migrations ORDER BY version"
+        )
+    finally:
+        await connection.close()
+    return applied, recorded
+
+
 @asynccontextmanager
 async def open_database(
     settings: Settings, migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
 ) -> AsyncIterator[asyncpg.Pool]:
-    """A pool on an up-to-date schema: the configured DSN, or the embedded server."""
+    """A pool on an up-to-date schema: the configured DSN, or the embedded server.
+
+    ``database_url`` may be a transaction-mode pooler (PgBouncer, Supabase's port 6543): the
+    pool relies on no session state, startup parameter or named prepared statement. The
+    migrations run over ``database_direct_url`` (else ``database_url``); LISTEN takes its own
+    connection there too (``JobRepository(pool, direct_dsn=...)``).
+    """
     embedded = None
-    if settings.database_url is not None:
+    direct = direct_dsn(settings)
+    if settings.database_url is not None and direct is not None:
         dsn = settings.database_url.get_secret_value()
     else:
         embedded = await asyncio.to_thread(start_embedded_postgres, settings.embedded_database_dir)
-        dsn = str(embedded.get_uri())
+        dsn = direct = str(embedded.get_uri())
     try:
+        applied, _ = await migrate_direct(direct, settings, migrations_dir)
+        if applied:
+            logger.info("applied migrations %s", applied)
         pool = await asyncpg.create_pool(
             dsn,
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             init=_init_connection,
-            # The outbox trigger owes a callback only on connections that say so: with no
-            # callback URL, ending a job writes no delivery row.
-            server_settings={CALLBACKS_PARAMETER: "on"} if settings.callback_url else None,
+            command_timeout=settings.db_command_timeout_s,
+            # A configured DSN may be a transaction-mode pooler, where a prepared statement
+            # named on one server connection is missing on the next (asyncpg's FAQ). The
+            # embedded server is always direct and keeps the cache.
+            statement_cache_size=0 if embedded is None else 100,
         )
         try:
-            async with pool.acquire() as connection:
-                applied = await apply_migrations(connection, load_migrations(migrations_dir))
-            if applied:
-                logger.info("applied migrations %s", applied)
             yield pool
         finally:
             await pool.close()

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 import asyncpg
 
-DEFAULT_MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "schemas" / "migrations"
+# Package data of ourvidz_serve._sql (pyproject.toml maps it onto schemas/): inside the installed
+# package from a wheel, schemas/migrations itself in an editable install. pip installs a wheel
+# unpacked, so the resource is a plain folder.
+DEFAULT_MIGRATIONS_DIR = Path(str(files("ourvidz_serve._sql") / "migrations"))
 _ADVISORY_LOCK_ID = 0x0_5E_7F_1D_2
 _FILE_PATTERN = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 
@@ -33,7 +37,7 @@ def load_migrations(directory: Path = DEFAULT_MIGRATIONS_DIR) -> list[Migration]
         if path.suffix == ".sql" and not match:
             raise ValueError(f"migration file {path.name} does not match NNNN_name.sql")
         if match:
-            migrations.append(Migration(int(match[1]), match[2], path.read_text()))
+            migrations.append(Migration(int(match[1]), match[2], path.read_text("utf-8")))
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise ValueError(f"duplicate migration versions in {directory}")

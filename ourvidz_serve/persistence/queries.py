@@ -7,9 +7,12 @@ right after the name document it.
 from __future__ import annotations
 
 import re
+from importlib.resources import files
 from pathlib import Path
 
-DEFAULT_QUERIES_DIR = Path(__file__).resolve().parents[2] / "schemas" / "queries"
+# Package data of ourvidz_serve._sql (pyproject.toml maps it onto schemas/): inside the installed
+# package from a wheel, schemas/queries itself in an editable install.
+DEFAULT_QUERIES_DIR = Path(str(files("ourvidz_serve._sql") / "queries"))
 _NAME_LINE = re.compile(r"^-- name: ([a-z_][a-z0-9_]*)\s*$", re.MULTILINE)
 
 
@@ -33,7 +36,7 @@ def load_queries(
     """Every named query of the directory's ``.sql`` files, with ``{key}`` placeholders filled."""
     queries: dict[str, str] = {}
     for path in sorted(directory.glob("*.sql")):
-        for name, sql in parse_queries(path.read_text()).items():
+        for name, sql in parse_queries(path.read_text("utf-8")).items():
             if name in queries:
                 raise ValueError(f"query {name!r} is defined in two files")
             for key, value in (substitutions or {}).items():

@@ -14,6 +14,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from pydantic import SecretStr
 
 from ourvidz_serve.domain import AssetKind, JobPlan, JobStatus
 from ourvidz_serve.errors import (
@@ -40,6 +41,17 @@ _UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.TooManyConnectionsError,
+)
+# Statements that failed for a reason that passes, so the caller retries them (HTTP 503): one
+# cancelled by statement_timeout, lock_timeout or an operator (pg_cancel_backend), a deadlock or
+# serialization failure, a write refused as read-only during a managed failover, a connection
+# the driver no longer accepts. Any other error is a bug and propagates as it is.
+_TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.QueryCanceledError,
+    asyncpg.LockNotAvailableError,
+    asyncpg.TransactionRollbackError,
+    asyncpg.ReadOnlySQLTransactionError,
+    asyncpg.InterfaceError,
 )
 
 
@@ -180,20 +192,40 @@ def decode_cursor(cursor: str) -> tuple[datetime, UUID]:
 
 
 class JobRepository:
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        acquire_timeout_s: float = 10.0,
+        direct_dsn: SecretStr | str | None = None,
+    ) -> None:
+        """``direct_dsn``: a session connection for LISTEN (``OURVIDZ_DATABASE_DIRECT_URL``),
+        needed when ``pool`` goes through a transaction-mode pooler; ``None``: LISTEN holds a
+        pooled connection."""
         self._pool = pool
+        self._acquire_timeout_s = acquire_timeout_s
+        self._direct_dsn = SecretStr(direct_dsn) if isinstance(direct_dsn, str) else direct_dsn
 
     @contextlib.asynccontextmanager
     async def _connection(self) -> AsyncIterator[asyncpg.Connection]:
-        """A pooled connection; a lost or unreachable server raises ``DatabaseUnavailable``."""
+        """A pooled connection. The one place database errors are classified: a lost or
+        unreachable server, and a statement that failed for a passing reason, raise
+        ``DatabaseUnavailable`` (retry); anything else propagates as the bug it is."""
         try:
-            async with self._pool.acquire() as connection:
+            async with self._pool.acquire(timeout=self._acquire_timeout_s) as connection:
                 yield connection
         except _UNAVAILABLE_ERRORS as exc:
             # The detail (hosts, socket paths) is for the operator's log, not for callers.
             logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
             raise DatabaseUnavailable(
                 f"the database is unavailable ({type(exc).__name__}); retry shortly"
+            ) from exc
+        except _TRANSIENT_ERRORS as exc:
+            if isinstance(exc, asyncpg.DataError):
+                raise  # a value the statement cannot take: a bug, not a passing failure
+            logger.warning("database statement failed: %s: %s", type(exc).__name__, exc)
+            raise DatabaseUnavailable(
+                f"the database did not complete the statement ({type(exc).__name__}); retry shortly"
             ) from exc
 
     async def ping(self) -> None:
@@ -217,7 +249,12 @@ class JobRepository:
         return interval if wait is None else max(wait, 0.0)
 
     async def insert_job(
-        self, plan: JobPlan, *, max_queued: int = 0, retry_after_s: float = 15.0
+        self,
+        plan: JobPlan,
+        *,
+        max_queued: int = 0,
+        retry_after_s: float = 15.0,
+        owes_callback: bool = False,
     ) -> tuple[JobRecord, bool]:
         """Insert the job and all its asset rows in one transaction and wake the workers.
 
@@ -230,6 +267,9 @@ class JobRepository:
         cap costs two more statements under a per-user lock, so that submissions through
         several ingress replicas cannot overshoot it; a replay of an idempotent submission is
         answered even at the cap.
+
+        ``owes_callback``: a callback URL is configured, so the job's end writes a delivery
+        row (migration 0007's trigger), whichever connection ends it.
         """
         spec = plan.spec
         async with self._connection() as connection, connection.transaction():
@@ -253,8 +293,10 @@ class JobRepository:
                 WITH inserted AS (
                     INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue,
                                       metadata, project_id, video_id, image_id,
-                                      idempotency_key, request_hash, batch_key, units)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16)
+                                      idempotency_key, request_hash, batch_key, units,
+                                      owes_callback)
+                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16,
+                            $17)
                     ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
                     DO NOTHING
                     RETURNING {_JOB_COLUMNS}
@@ -277,6 +319,7 @@ class JobRepository:
                 NOTIFY_CHANNEL,
                 plan.batch_key,
                 plan.units,
+                owes_callback,
             )
             if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
@@ -448,6 +491,12 @@ class JobRepository:
             raise JobStateError(f"an asset of job {job_id} has no row; nothing was completed")
         return False
 
+    async def job_attempt(self, job_id: UUID) -> tuple[JobStatus, int] | None:
+        """The job's status and latest attempt number (None: no such job)."""
+        async with self._connection() as connection:
+            row = await connection.fetchrow(QUERIES["job_attempt"], job_id)
+        return None if row is None else (JobStatus(row["status"]), int(row["attempts"]))
+
     async def fail_job(
         self,
         job_id: UUID,
@@ -468,10 +517,11 @@ class JobRepository:
             )
         return bool(failed)
 
-    async def release_job(self, job_id: UUID, attempt: int) -> bool:
-        """Put a job this attempt holds back in the queue (its replica is stopping)."""
+    async def release_job(self, job_id: UUID, attempt: int, worker_id: str) -> bool:
+        """Put a job this attempt of ``worker_id`` holds back in the queue, its attempt given
+        back (its replica is stopping)."""
         async with self._connection() as connection:
-            released = await connection.fetch(QUERIES["release_job"], job_id, attempt)
+            released = await connection.fetch(QUERIES["release_job"], job_id, attempt, worker_id)
         return bool(released)
 
     async def reap_expired_leases(self, max_attempts: int, limit: int = 100) -> list[ReapedJob]:
@@ -607,8 +657,9 @@ class JobRepository:
         await self._listen({EVENTS_CHANNEL: on_event}, retry_s)
 
     async def _listen(self, handlers: dict[str, Callable[[str], None]], retry_s: float) -> None:
-        """Hold one pooled connection for ``LISTEN`` on the channels; when it is lost (a
-        database restart), listen again as soon as a connection can be made."""
+        """Hold one connection for ``LISTEN`` on the channels (a session of its own on the
+        direct DSN, else a pooled one); when it is lost (a database restart), listen again as
+        soon as a connection can be made."""
 
         def notified(_connection: Any, _pid: int, channel: str, payload: str) -> None:
             handlers[channel](payload)
@@ -623,7 +674,14 @@ class JobRepository:
     async def _listen_until_lost(
         self, channels: list[str], notified: Callable[[Any, int, str, str], None]
     ) -> None:
-        async with self._connection() as connection:
+        # A transaction-mode pooler hands the server connection to other clients between
+        # statements, so LISTEN needs a session: its own connection to the direct DSN.
+        held = (
+            self._connection()
+            if self._direct_dsn is None
+            else _session_connection(self._direct_dsn.get_secret_value())
+        )
+        async with held as connection:
             lost = asyncio.Event()
             connection.add_termination_listener(lambda _connection: lost.set())
             async with contextlib.AsyncExitStack() as listeners:
@@ -643,6 +701,29 @@ async def _unlisten(
 ) -> None:
     if not _closed(connection):
         await connection.remove_listener(channel, notified)
+
+
+@contextlib.asynccontextmanager
+async def _session_connection(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection of its own (not pooled), closed after; a lost or unreachable server raises
+    ``DatabaseUnavailable``, as for pooled connections."""
+    try:
+        connection = await asyncpg.connect(dsn)
+        try:
+            yield connection
+        finally:
+            try:
+                # A connection lost meanwhile has nothing to close politely.
+                with contextlib.suppress(Exception):
+                    await connection.close(timeout=5)
+            finally:
+                if not connection.is_closed():  # close timed out or was cancelled
+                    connection.terminate()
+    except (*_UNAVAILABLE_ERRORS, asyncpg.InterfaceError) as exc:  # Interface: closed under us
+        logger.warning("database unavailable: %s: %s", type(exc).__name__, exc)
+        raise DatabaseUnavailable(
+            f"the database is unavailable ({type(exc).__name__}); retry shortly"
+        ) from exc
 
 
 def _closed(connection: asyncpg.Connection) -> bool:

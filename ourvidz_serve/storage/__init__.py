@@ -27,6 +27,7 @@ __all__ = [
     "WORKSPACE_ASSETS_BUCKET",
     "Storage",
     "asset_key",
+    "attempt_key",
     "create_storage",
     "poster_key",
     "resolve_ttl",
@@ -68,6 +69,10 @@ class Storage(Protocol):
     async def get(self, bucket: str, key: str) -> bytes: ...
 
     async def exists(self, bucket: str, key: str) -> bool: ...
+
+    async def delete(self, bucket: str, key: str) -> None:
+        """Remove the object; deleting one that does not exist is not an error."""
+        ...
 
     async def signed_url(self, bucket: str, key: str, expires_in_s: int | None = None) -> str:
         """A URL that downloads the object without other credentials until it expires."""
@@ -137,6 +142,19 @@ def poster_key(video_key: str) -> str:
     """The deterministic key of a video's poster frame, beside it: ``{job_id}_poster.webp``."""
     stem, dot, _extension = video_key.rpartition(".")
     return f"{stem if dot else video_key}_poster.webp"
+
+
+def attempt_key(key: str, attempt: int) -> str:
+    """The key an attempt stores a planned file under: the planned (contract) key for the
+    first attempt, ``{stem}.attempt-{n}.{ext}`` for a re-run.
+
+    Each attempt writes only its own keys, so an attempt that lost its lease can never
+    overwrite what a newer attempt recorded; the fenced completion records which keys won.
+    """
+    if attempt <= 1:
+        return key
+    stem, dot, extension = key.rpartition(".")
+    return f"{stem}.attempt-{attempt}.{extension}" if dot else f"{key}.attempt-{attempt}"
 
 
 def create_storage(settings: Settings) -> Storage:

@@ -102,6 +102,13 @@ class LocalStorage:
         path = self.path_for(bucket, key)
         return await asyncio.to_thread(path.is_file)
 
+    async def delete(self, bucket: str, key: str) -> None:
+        path = self.path_for(bucket, key)
+        try:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot delete {bucket}/{key}: {exc}") from exc
+
     async def open_for_download(self, bucket: str, key: str) -> Path:
         """The file to stream for a (signature-checked) download; ``ObjectNotFound`` if absent."""
         path = self.path_for(bucket, key)

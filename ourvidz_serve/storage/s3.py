@@ -155,6 +155,12 @@ class S3Storage:
             return False
         return True
 
+    async def delete(self, bucket: str, key: str) -> None:
+        client = self._require_client()
+        real_bucket, real_key = self._locate(bucket, key)
+        with _translate_errors("delete", real_bucket, real_key):
+            await client.delete_object(Bucket=real_bucket, Key=real_key)
+
     async def signed_url(self, bucket: str, key: str, expires_in_s: int | None = None) -> str:
         client = self._require_client()
         real_bucket, real_key = self._locate(bucket, key)

@@ -20,7 +20,6 @@ from typing import Any
 import httpx
 from standardwebhooks.webhooks import Webhook
 
-from ourvidz_serve.errors import DatabaseUnavailable
 from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import CallbackClaim, JobRecord, JobRepository
 from ourvidz_serve.settings import Settings
@@ -94,6 +93,7 @@ class CallbackDeliverer:
         *,
         timeout_s: float,
         poll_interval_s: float,
+        statement_bound_s: float = 40.0,
         metrics: Metrics = NO_METRICS,
     ) -> None:
         self._repository = repository
@@ -103,26 +103,30 @@ class CallbackDeliverer:
         self._retry = retry
         self._timeout_s = timeout_s
         self._poll_interval_s = poll_interval_s
+        # An attempt is two bounded statements (read the job, record the outcome) around one
+        # POST capped at timeout_s as a whole: the claim's lock outlasts all of it, so no
+        # other deliverer takes the delivery while a slow receiver is still answering.
+        self._lock_s = timeout_s + 2 * statement_bound_s + 5
         self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
 
-    async def run(self) -> None:
-        """Deliver what is due until cancelled; an unavailable database is waited out."""
-        try:
-            while True:
-                try:
-                    delivered = await self.deliver_due()
-                except DatabaseUnavailable as exc:
-                    logger.warning("callback deliverer cannot reach the database: %s", exc.message)
-                    delivered = 0
-                if not delivered:
-                    await asyncio.sleep(self._poll_interval_s)
-        finally:
-            await self._client.aclose()
+    @property
+    def lock_s(self) -> float:
+        return self._lock_s
+
+    async def round(self) -> float:
+        """Deliver what is due now; the delay before the next round (none while busy).
+
+        The replica's supervisor runs it in a loop: an error is logged and the round retried.
+        """
+        delivered = await self.deliver_due()
+        return 0.0 if delivered else self._poll_interval_s
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
 
     async def deliver_due(self) -> int:
         """One round: claim due deliveries and attempt each (concurrently); return how many."""
-        # Locked for longer than an attempt can take, so no other deliverer takes it meanwhile.
-        claims = await self._repository.claim_callbacks(CLAIM_BATCH, self._timeout_s * 2 + 5)
+        claims = await self._repository.claim_callbacks(CLAIM_BATCH, self._lock_s)
         await asyncio.gather(*(self._attempt(claim) for claim in claims))
         return len(claims)
 
@@ -139,11 +143,15 @@ class CallbackDeliverer:
         record: dict[str, Any] = {"at": _now_iso(), "attempt": claim.attempt}
         delivered = False
         try:
-            response = await self._client.post(self._url, content=body, headers=headers)
+            # httpx's timeout caps each phase; a receiver that trickles bytes is capped here.
+            async with asyncio.timeout(self._timeout_s):
+                response = await self._client.post(self._url, content=body, headers=headers)
             record["status_code"] = response.status_code
             delivered = response.is_success
         except httpx.HTTPError as exc:
             record["error"] = f"{type(exc).__name__}: {exc}"[:300]
+        except TimeoutError:
+            record["error"] = f"no complete answer within {self._timeout_s:g}s"
         record["duration_s"] = round(time.monotonic() - started, 4)
         if delivered:
             outcome, retry_in = "delivered", 0.0
@@ -179,5 +187,6 @@ def deliverer_from_settings(
         ),
         timeout_s=settings.callback_timeout_s,
         poll_interval_s=settings.callback_poll_interval_s,
+        statement_bound_s=settings.db_command_timeout_s + settings.db_acquire_timeout_s,
         metrics=metrics,
     )

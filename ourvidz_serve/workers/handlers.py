@@ -71,8 +71,10 @@ class RunControl:
     """What a running call asks its worker. Both callables are safe to call from the
     pipeline's thread, at every denoising step."""
 
-    is_cancelled: Callable[[UUID], bool]
-    report_progress: Callable[[UUID, int, int], None]
+    is_cancelled: Callable[[UUID, int], bool]
+    """``(job id, attempt)``: a cancel mark is the attempt's, never a later re-run's."""
+    report_progress: Callable[[UUID, int, int, int], None]
+    """``(job id, attempt, step, total)``."""
 
     def step_callback(self, jobs: Sequence[JobRecord]) -> StepCallback:
         """Report each step for every job of a call; stop the call once all are cancelled.
@@ -80,18 +82,18 @@ class RunControl:
         A call shared by several jobs runs on while one of them is still wanted: the
         cancelled ones' outputs are dropped afterwards, the others' pixels are untouched.
         """
-        ids = [job.id for job in jobs]
+        held = [(job.id, job.attempts) for job in jobs]
 
         def on_step(step: int, total: int) -> None:
-            for job_id in ids:
-                self.report_progress(job_id, step, total)
-            if all(self.is_cancelled(job_id) for job_id in ids):
+            for job_id, attempt in held:
+                self.report_progress(job_id, attempt, step, total)
+            if all(self.is_cancelled(job_id, attempt) for job_id, attempt in held):
                 raise JobCancelled(f"cancelled at denoising step {step} of {total}", step, total)
 
         return on_step
 
 
-NO_CONTROL = RunControl(is_cancelled=lambda _job_id: False, report_progress=lambda *_: None)
+NO_CONTROL = RunControl(is_cancelled=lambda *_: False, report_progress=lambda *_: None)
 
 
 class JobHandler(Protocol):
@@ -154,7 +156,7 @@ class SDXLJobHandler:
         results: list[JobResult | None] = [None] * len(jobs)
         runnable: dict[int, list[ImageRequest]] = {}
         for position, job in enumerate(jobs):
-            if control.is_cancelled(job.id):
+            if control.is_cancelled(job.id, job.attempts):
                 results[position] = JobCancelled("cancelled before its call started")
                 continue
             try:
@@ -184,7 +186,7 @@ class SDXLJobHandler:
                         generation_time=elapsed,
                         metadata={"pipeline_batch_images": len(flat)},
                     )
-                    if control.is_cancelled(jobs[position].id):
+                    if control.is_cancelled(jobs[position].id, jobs[position].attempts):
                         results[position] = JobCancelled("cancelled while its call ran")
                     offset += len(requests)
         return [result for result in results if result is not None]
@@ -273,7 +275,7 @@ class WanJobHandler:
             fps=int(meta.get("fps", 16)),
             step_cache=self._step_caches.get(job.job_type),
         )
-        if control.is_cancelled(job.id):
+        if control.is_cancelled(job.id, job.attempts):
             raise JobCancelled("cancelled before generation started")
         started = time.monotonic()
         output, stats = await asyncio.to_thread(

@@ -1,15 +1,14 @@
 """The reaper: expired leases go back to the queue, or fail past the attempt limit.
 
-Its statement is idempotent and skips locked rows, so every replica with a pool runs one.
+Its statement is idempotent and skips locked rows, so every replica with a pool runs one, in
+a supervised loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from ourvidz_serve.domain import JobStatus
-from ourvidz_serve.errors import DatabaseUnavailable
 from ourvidz_serve.persistence.repository import JobRepository, ReapedJob
 
 logger = logging.getLogger(__name__)
@@ -25,13 +24,3 @@ async def reap_once(repository: JobRepository, max_attempts: int) -> list[Reaped
         else:
             logger.warning("job %s lease expired on attempt %d; queued again", job.id, job.attempts)
     return reaped
-
-
-async def run_reaper(repository: JobRepository, interval_s: float, max_attempts: int) -> None:
-    """Reap every ``interval_s`` until cancelled; an unavailable database is waited out."""
-    while True:
-        try:
-            await reap_once(repository, max_attempts)
-        except DatabaseUnavailable as exc:
-            logger.warning("reaper cannot reach the database: %s", exc.message)
-        await asyncio.sleep(interval_s)

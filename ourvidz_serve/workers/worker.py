@@ -4,7 +4,13 @@ A worker claims from its queue only what it can start now (its free capacity in 
 claimed job is a running job: ``queue_wait_time`` ends at the claim and ``generation_time`` is
 model time. Every claim holds a lease that a heartbeat renews; every outcome is recorded
 fenced by the attempt number, so a replica that lost its lease cannot overwrite a newer
-attempt. A stopping replica finishes what fits in its grace period and releases the rest.
+attempt. The fence reaches storage: an attempt stores its files under keys of its own
+(``attempt_key``), the fenced completion records which keys won, and an attempt whose
+completion is fenced out deletes what it stored. A stopping replica finishes what fits in its
+grace period and releases the rest, giving their attempts back.
+
+Every background loop runs under a :class:`Supervisor`: an error of any kind is logged and the
+loop runs again; :meth:`QueueWorker.health_problems` is what the replica's health check reports.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from tenacity import (
@@ -30,6 +36,7 @@ from tenacity import (
 from tenacity.stop import StopBaseT
 
 from ourvidz_serve.catalog import Queue
+from ourvidz_serve.domain import JobStatus
 from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
 from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import (
@@ -40,7 +47,7 @@ from ourvidz_serve.persistence.repository import (
 )
 from ourvidz_serve.pipelines.base import EncodedAsset
 from ourvidz_serve.settings import Settings
-from ourvidz_serve.storage import Storage
+from ourvidz_serve.storage import Storage, attempt_key
 from ourvidz_serve.workers.handlers import (
     Generated,
     JobCancelled,
@@ -48,11 +55,13 @@ from ourvidz_serve.workers.handlers import (
     JobResult,
     RunControl,
 )
-from ourvidz_serve.workers.reaper import run_reaper
+from ourvidz_serve.workers.reaper import reap_once
+from ourvidz_serve.workers.supervision import Beat, Supervisor
 
 logger = logging.getLogger(__name__)
 
 BACKLOG_REFRESH_S = 1.0
+Recorded = TypeVar("Recorded")
 PROGRESS_INTERVAL_S = 0.25
 
 
@@ -71,6 +80,8 @@ class WorkerConfig:
     shutdown_grace_s: float
     storage_put_attempts: int
     record_retry_s: float
+    loop_restart_max_s: float = 5.0
+    loop_stall_s: float = 60.0
 
     @classmethod
     def for_queue(cls, settings: Settings, queue: Queue) -> WorkerConfig:
@@ -92,7 +103,15 @@ class WorkerConfig:
             shutdown_grace_s=settings.worker_shutdown_grace_s,
             storage_put_attempts=settings.storage_put_attempts,
             record_retry_s=settings.record_retry_s,
+            loop_restart_max_s=settings.loop_restart_max_s,
+            loop_stall_s=settings.loop_stall_s,
         )
+
+    @property
+    def lease_renewal_limit_s(self) -> float:
+        """Held leases not renewed for this long make the replica unhealthy: half a lease
+        (never less than two heartbeats, so one slow round is not a failure)."""
+        return max(self.lease_s / 2, 2 * self.heartbeat_interval_s)
 
 
 class QueueWorker:
@@ -104,6 +123,7 @@ class QueueWorker:
         config: WorkerConfig,
         worker_id: str,
         metrics: Metrics = NO_METRICS,
+        supervisor: Supervisor | None = None,
     ) -> None:
         self._repository = repository
         self._metrics = metrics
@@ -118,59 +138,79 @@ class QueueWorker:
         self._held: dict[UUID, int] = {}
         """Jobs this worker holds a lease on: ``{job_id: attempt}``."""
         self._batches: set[asyncio.Task[None]] = set()
-        self._claiming: list[asyncio.Task[None]] = []
-        self._keeping: list[asyncio.Task[None]] = []
+        self._supervisor = supervisor or Supervisor(
+            restart_max_s=config.loop_restart_max_s, stall_s=config.loop_stall_s
+        )
         self._backlog = 0
-        self._cancelled: set[UUID] = set()
-        """Held jobs cancelled (or lost) while running; read from pipeline threads."""
+        self._cancelled: set[tuple[UUID, int]] = set()
+        """Held ``(job, attempt)`` cancelled (or lost) while running; read from pipeline
+        threads. Per attempt: a job reaped and claimed again here is not taken for cancelled."""
+        self._renewed_at = time.monotonic()
+        """When the held leases were last all renewed (or the first of them claimed)."""
         self._progress: dict[tuple[UUID, int], tuple[int, int]] = {}
         """Progress not yet recorded: ``{(job, attempt): (step, total)}``, latest only."""
         self._loop: asyncio.AbstractEventLoop | None = None
         self._denoised_at: dict[UUID, float] = {}
         self._progress_flushing = asyncio.Lock()
         self._control = RunControl(
-            is_cancelled=self._cancelled.__contains__, report_progress=self._report_progress
+            is_cancelled=lambda job_id, attempt: (job_id, attempt) in self._cancelled,
+            report_progress=self._report_progress,
         )
 
+    CLAIMING_LOOPS = ("claim", "listen", "backlog")
+    KEEPING_LOOPS = ("heartbeat", "progress", "reaper")
+
     async def start(self) -> None:
-        self._claiming = [
-            asyncio.create_task(self._claim_loop(), name=f"claim-{self._config.queue}"),
-            asyncio.create_task(
-                self._repository.listen(self._on_queued, self._on_cancelled), name="listen"
-            ),
-            asyncio.create_task(self._backlog_loop(), name="backlog"),
-        ]
         self._loop = asyncio.get_running_loop()
-        self._keeping = [
-            asyncio.create_task(self._heartbeat_loop(), name="heartbeat"),
-            asyncio.create_task(self._progress_loop(), name="progress"),
-            asyncio.create_task(
-                run_reaper(
-                    self._repository, self._config.reaper_interval_s, self._config.max_attempts
-                ),
-                name="reaper",
-            ),
-        ]
+        config, supervisor = self._config, self._supervisor
+        supervisor.run("claim", self._claim_loop)
+        supervisor.run("listen", self._listen)
+        supervisor.every("backlog", BACKLOG_REFRESH_S, self._refresh_backlog)
+        supervisor.every("heartbeat", config.heartbeat_interval_s, self._renew_leases)
+        supervisor.every("progress", PROGRESS_INTERVAL_S, self._flush_progress)
+        supervisor.every("reaper", config.reaper_interval_s, self._reap)
 
     async def stop(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, release the rest."""
-        await _cancel(self._claiming)
+        """Stop claiming, let running jobs finish within the grace period, release the rest
+        (their attempts given back: a rolling update is not the job's failure)."""
+        await self._supervisor.stop(list(self.CLAIMING_LOOPS))
         if self._batches:
             _, pending = await asyncio.wait(
                 set(self._batches), timeout=self._config.shutdown_grace_s
             )
-            await _cancel(list(pending))
-        for job_id, attempt in list(self._held.items()):
+        else:
+            pending = set()
+        # What is still held now runs in the calls about to be cancelled: released below.
+        held = dict(self._held)
+        await _cancel(list(pending))
+        self._held.clear()
+        for job_id, attempt in held.items():
             try:
-                if await self._repository.release_job(job_id, attempt):
+                if await self._repository.release_job(job_id, attempt, self.worker_id):
                     logger.info("released job %s (attempt %d) to the queue", job_id, attempt)
             except DatabaseUnavailable:
                 logger.warning("could not release job %s; its lease will expire", job_id)
-        self._held.clear()
-        await _cancel(self._keeping)
+        await self._supervisor.stop(list(self.KEEPING_LOOPS))
 
     def held_jobs(self) -> dict[UUID, int]:
         return dict(self._held)
+
+    def loops(self) -> dict[str, dict[str, Any]]:
+        """Each background loop's last success, failures and last error."""
+        return self._supervisor.report()
+
+    def health_problems(self) -> list[str]:
+        """Why this worker cannot be trusted with jobs (empty: healthy): a loop that keeps
+        failing, or held leases not renewed for half a lease (they are about to be lost
+        while the model keeps computing)."""
+        problems = self._supervisor.problems()
+        stale = time.monotonic() - self._renewed_at
+        if self._held and stale > self._config.lease_renewal_limit_s:
+            problems.append(
+                f"the leases of {len(self._held)} held jobs were last renewed {stale:.0f}s ago "
+                f"(lease {self._config.lease_s:.0f}s)"
+            )
+        return problems
 
     def load(self) -> tuple[int, int]:
         """``(units queued in the queue, as last read; units this worker is running)``."""
@@ -182,14 +222,18 @@ class QueueWorker:
 
     def _on_cancelled(self, job_id: UUID) -> None:
         """A job was cancelled: if it runs here, its call stops at the next step boundary."""
-        if job_id in self._held:
-            logger.info("job %s was cancelled; stopping it at the next step", job_id)
-            self._cancelled.add(job_id)
-
-    def _report_progress(self, job_id: UUID, step: int, total: int) -> None:
-        """From the pipeline's thread: keep the latest step, for the next progress flush."""
         attempt = self._held.get(job_id)
-        if attempt is not None and self._loop is not None:
+        if attempt is not None:
+            logger.info("job %s was cancelled; stopping it at the next step", job_id)
+            self._cancelled.add((job_id, attempt))
+
+    async def _listen(self, beat: Beat) -> None:
+        beat()  # listening; the repository waits out a lost connection itself
+        await self._repository.listen(self._on_queued, self._on_cancelled)
+
+    def _report_progress(self, job_id: UUID, attempt: int, step: int, total: int) -> None:
+        """From the pipeline's thread: keep the latest step, for the next progress flush."""
+        if self._held.get(job_id) == attempt and self._loop is not None:
             self._loop.call_soon_threadsafe(
                 self._keep_progress, job_id, attempt, step, total, time.time()
             )
@@ -201,41 +245,31 @@ class QueueWorker:
             # it is the delivery latency users see.
             self._denoised_at[job_id] = at
 
-    async def _progress_loop(self) -> None:
-        """Record the latest progress of running jobs, at most every PROGRESS_INTERVAL_S:
-        a 6-image call at 30 steps/s costs the database a few statements a second."""
-        while True:
-            await asyncio.sleep(PROGRESS_INTERVAL_S)
-            await self._flush_progress()
-
     async def _flush_progress(self) -> None:
-        """Record the progress kept so far. Serialized, so a flush that returns has every
-        earlier step recorded (and its event sent) before anything the caller does next."""
+        """Record the progress kept so far (the progress loop does, at most every
+        PROGRESS_INTERVAL_S: a 6-image call at 30 steps/s costs a few statements a second).
+        Serialized, so a flush that returns has every earlier step recorded (and its event
+        sent) before anything the caller does next. Steps that could not be recorded are
+        dropped: a later step replaces them."""
         async with self._progress_flushing:
             pending, self._progress = self._progress, {}
-            try:
-                await self._repository.record_progress(pending)
-            except DatabaseUnavailable as exc:
-                logger.warning("cannot record progress: %s", exc.message)
+            await self._repository.record_progress(pending)
 
-    async def _claim_loop(self) -> None:
+    async def _claim_loop(self, beat: Beat) -> None:
+        """Claim while a call is free; otherwise wait for a NOTIFY or the poll interval."""
         config = self._config
         while True:
             self._wake.clear()
             if self._calls < config.max_calls:
-                jobs: list[JobRecord] = []
-                try:
-                    jobs = await self._repository.claim_jobs(
-                        config.queue, config.units_per_claim, self.worker_id, config.lease_s
-                    )
-                except DatabaseUnavailable as exc:
-                    logger.warning("cannot claim from %s: %s", config.queue, exc.message)
-                except Exception:
-                    # The loop must outlive a bad row or a bug, or the replica idles for ever.
-                    logger.exception("claiming from %s failed; retrying", config.queue)
+                jobs = await self._repository.claim_jobs(
+                    config.queue, config.units_per_claim, self.worker_id, config.lease_s
+                )
+                beat()
                 if jobs:
                     self._start_batch(jobs)
                     continue
+            else:
+                beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=config.poll_interval_s)
 
@@ -243,6 +277,8 @@ class QueueWorker:
         units = sum(job.units for job in jobs)
         self._calls += 1
         self._busy_units += units
+        if not self._held:
+            self._renewed_at = time.monotonic()  # the claim itself set these leases
         for job in jobs:
             self._held[job.id] = job.attempts
         task = asyncio.create_task(self._run_batch(jobs, units), name=f"batch-{jobs[0].id}")
@@ -268,15 +304,35 @@ class QueueWorker:
             self._calls -= 1
             self._busy_units -= units
             self._wake.set()
-        # The call's last steps are recorded before its files: no progress event follows an
-        # asset event of the same job.
-        await self._flush_progress()
-        await asyncio.gather(
-            *(
-                self._finish(job, result, claimed_at)
-                for job, result in zip(jobs, results, strict=True)
+        try:
+            # The call's last steps are recorded before its files: no progress event follows
+            # an asset event of the same job.
+            try:
+                await self._flush_progress()
+            except DatabaseUnavailable as exc:
+                logger.warning(
+                    "the last progress of a %s call is lost: %s", self._config.queue, exc
+                )
+            if len(results) != len(jobs):
+                error = RuntimeError(f"the handler returned {len(results)} results for {len(jobs)}")
+                results = [error] * len(jobs)
+            await asyncio.gather(
+                *(
+                    self._finish(job, result, claimed_at)
+                    for job, result in zip(jobs, results, strict=True)
+                )
             )
-        )
+        finally:
+            # A job is never held without a running call: whatever went wrong above, its
+            # lease is let go (and expires: the reaper queues it again).
+            for job in jobs:
+                self._forget(job)
+
+    def _forget(self, job: JobRecord) -> None:
+        if self._held.get(job.id) == job.attempts:
+            del self._held[job.id]
+        self._cancelled.discard((job.id, job.attempts))
+        self._denoised_at.pop(job.id, None)
 
     async def _finish(self, job: JobRecord, result: JobResult, claimed_at: float) -> None:
         try:
@@ -305,10 +361,7 @@ class QueueWorker:
                 job.attempts,
             )
         # Not reached when cancelled: a stopping worker releases the jobs it still holds.
-        if self._held.get(job.id) == job.attempts:
-            del self._held[job.id]
-        self._cancelled.discard(job.id)
-        self._denoised_at.pop(job.id, None)
+        self._forget(job)
 
     async def _still_held(self, job: JobRecord) -> bool:
         """False when the lease was lost (and the job maybe re-claimed): skip the upload."""
@@ -329,24 +382,28 @@ class QueueWorker:
     async def _store_and_complete(
         self, job: JobRecord, generated: Generated, claimed_at: float
     ) -> None:
+        stored: list[tuple[str, str]] = []
+        """``(bucket, key)`` of every file this attempt put, to delete if it does not win."""
         failure: StorageError | None = None
         try:
             # A file that cannot be stored cancels the other uploads: the job fails whole.
             async with asyncio.TaskGroup() as uploads:
                 for asset, output in zip(job.assets, generated.outputs, strict=True):
-                    uploads.create_task(self._store_asset(job, asset, output))
+                    uploads.create_task(self._store_asset(job, asset, output, stored))
         except* StorageError as errors:
             error = errors.exceptions[0]
             failure = error if isinstance(error, StorageError) else StorageError(str(error))
         if failure is not None:
+            await self._delete_stored(job, stored, "its job failed to store a file")
             await self._record_failure(job, failure, claimed_at, generated.metadata)
             return
         generation_time = round(generated.generation_time, 4)
         completions = [
             AssetCompletion(
                 index=asset.index,
-                path=asset.path,
-                metadata={
+                path=attempt_key(asset.path, job.attempts),
+                metadata=_thumbnail(asset, job.attempts)
+                | {
                     "seed": output.seed,
                     "width": output.width,
                     "height": output.height,
@@ -354,7 +411,7 @@ class QueueWorker:
                     "mime_type": output.mime_type,
                     "size_bytes": len(output.data),
                     "generation_time": generation_time,
-                    "stored_path": asset.path,
+                    "stored_path": attempt_key(asset.path, job.attempts),
                     "prompt": generated.prompt,
                 },
             )
@@ -379,10 +436,35 @@ class QueueWorker:
         recorded = await self._record(
             lambda: self._repository.complete_job(job.id, job.attempts, metadata, completions)
         )
+        if not recorded and await self._completed_by_this_attempt(job):
+            recorded = True  # an earlier try of the write committed, its answer was lost
         self._log_fenced(job, recorded, "completion")
         if recorded:
             self._metrics.job_finished(
                 job.job_type, "completed", generated.generation_time, expected or None
+            )
+        else:
+            # Cancelled, or a newer attempt owns the job: its files are the only ones kept.
+            await self._delete_stored(job, stored, "its completion was fenced out")
+
+    async def _completed_by_this_attempt(self, job: JobRecord) -> bool:
+        current = await self._record(lambda: self._repository.job_attempt(job.id))
+        return current == (JobStatus.COMPLETED, job.attempts)
+
+    async def _delete_stored(self, job: JobRecord, stored: list[tuple[str, str]], why: str) -> None:
+        """Delete this attempt's own files (attempt-scoped keys: never a newer attempt's)."""
+        for bucket, key in stored:
+            try:
+                await self._storage.delete(bucket, key)
+            except StorageError as exc:
+                logger.error("could not delete %s/%s of job %s: %s", bucket, key, job.id, exc)
+        if stored:
+            logger.warning(
+                "deleted the %d files job %s attempt %d stored: %s",
+                len(stored),
+                job.id,
+                job.attempts,
+                why,
             )
 
     async def _record_failure(
@@ -412,15 +494,25 @@ class QueueWorker:
                 job.attempts,
             )
 
-    async def _store_asset(self, job: JobRecord, asset: AssetRecord, output: EncodedAsset) -> None:
-        """Store one file, then tell SSE subscribers (a lost event is not worth a failure)."""
-        thumbnail = asset.metadata.get("thumbnail_path")
+    async def _store_asset(
+        self,
+        job: JobRecord,
+        asset: AssetRecord,
+        output: EncodedAsset,
+        stored: list[tuple[str, str]],
+    ) -> None:
+        """Store one file under this attempt's key, then tell SSE subscribers (a lost event is
+        not worth a failure)."""
+        thumbnail = _thumbnail(asset, job.attempts).get("thumbnail_path")
         if output.poster is not None and thumbnail:
+            stored.append((asset.bucket, thumbnail))
             await self._put(asset.bucket, thumbnail, output.poster, "image/webp")
-        await self._put(asset.bucket, asset.path, output.data, output.mime_type)
+        key = attempt_key(asset.path, job.attempts)
+        stored.append((asset.bucket, key))
+        await self._put(asset.bucket, key, output.data, output.mime_type)
         try:
             await self._repository.publish_asset_stored(
-                job.id, job.attempts, asset.index, asset.bucket, asset.path
+                job.id, job.attempts, asset.index, asset.bucket, key
             )
         except DatabaseUnavailable as exc:
             logger.warning("asset event of job %s not sent: %s", job.id, exc.message)
@@ -434,7 +526,7 @@ class QueueWorker:
             with attempt:
                 await self._storage.put(bucket, key, data, content_type)
 
-    async def _record(self, write: Callable[[], Awaitable[bool]]) -> bool:
+    async def _record(self, write: Callable[[], Awaitable[Recorded]]) -> Recorded:
         """Write an outcome, retrying while the database is unavailable: keep the result."""
         async for attempt in _retrying(
             DatabaseUnavailable,
@@ -445,36 +537,29 @@ class QueueWorker:
                 return await write()
         raise AssertionError("unreachable: AsyncRetrying reraises")
 
-    async def _heartbeat_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._config.heartbeat_interval_s)
-            held = dict(self._held)
-            if not held:
-                continue
-            try:
-                kept = await self._repository.heartbeat(held, self._config.lease_s)
-            except DatabaseUnavailable as exc:
-                logger.warning("cannot renew %d leases: %s", len(held), exc.message)
-                continue
-            for job_id in held.keys() - kept:
-                # A job that finished while the heartbeat ran is no longer held: not a loss.
-                if self._held.get(job_id) == held[job_id]:
-                    # Cancelled, or reaped and maybe claimed again: either way its outcome
-                    # is fenced out, so stop spending model time on it (a missed NOTIFY too).
-                    logger.warning(
-                        "job %s attempt %d is no longer held (cancelled or lease lost)",
-                        job_id,
-                        held[job_id],
-                    )
-                    self._cancelled.add(job_id)
+    async def _renew_leases(self) -> None:
+        held = dict(self._held)
+        if not held:
+            return
+        kept = await self._repository.heartbeat(held, self._config.lease_s)
+        self._renewed_at = time.monotonic()
+        for job_id in held.keys() - kept:
+            # A job that finished while the heartbeat ran is no longer held: not a loss.
+            if self._held.get(job_id) == held[job_id]:
+                # Cancelled, or reaped and maybe claimed again: either way its outcome is
+                # fenced out, so stop spending model time on it (a missed NOTIFY too).
+                logger.warning(
+                    "job %s attempt %d is no longer held (cancelled or lease lost)",
+                    job_id,
+                    held[job_id],
+                )
+                self._cancelled.add((job_id, held[job_id]))
 
-    async def _backlog_loop(self) -> None:
-        while True:
-            try:
-                self._backlog = await self._repository.queued_units(self._config.queue)
-            except DatabaseUnavailable as exc:
-                logger.warning("cannot read the backlog: %s", exc.message)
-            await asyncio.sleep(BACKLOG_REFRESH_S)
+    async def _refresh_backlog(self) -> None:
+        self._backlog = await self._repository.queued_units(self._config.queue)
+
+    async def _reap(self) -> None:
+        await reap_once(self._repository, self._config.max_attempts)
 
 
 def _retrying(error: type[Exception], stop: StopBaseT, what: str) -> AsyncRetrying:
@@ -491,6 +576,12 @@ def _retrying(error: type[Exception], stop: StopBaseT, what: str) -> AsyncRetryi
         before_sleep=log,
         reraise=True,
     )
+
+
+def _thumbnail(asset: AssetRecord, attempt: int) -> dict[str, Any]:
+    """The attempt's key for a video's poster frame (none for images)."""
+    planned = asset.metadata.get("thumbnail_path")
+    return {"thumbnail_path": attempt_key(str(planned), attempt)} if planned else {}
 
 
 def _produced_size(asked: dict[str, Any], output: EncodedAsset) -> dict[str, Any]:

@@ -35,14 +35,23 @@ SELECT (SELECT status FROM target) AS was, (SELECT count(*) FROM told) AS told
 -- The latest step of each running job, fenced by attempt. One statement for every job a
 -- worker runs, so a batch's progress costs one round trip per flush.
 -- Each recorded step is also an SSE 'progress' event.
+-- The rows are locked in id order, as the heartbeat locks them, so the two never deadlock.
 -- $1 job ids, $2 attempts, $3 steps, $4 totals.
-WITH recorded AS (
+WITH running AS (
+    SELECT jobs.id, p.step, p.total
+      FROM jobs
+      JOIN unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS p(id, attempt, step, total)
+        ON jobs.id = p.id AND jobs.attempts = p.attempt
+     WHERE jobs.status = 'processing'
+     ORDER BY jobs.id
+       FOR UPDATE OF jobs
+), recorded AS (
     UPDATE jobs
-       SET progress = jsonb_build_object('step', p.step, 'total', p.total,
+       SET progress = jsonb_build_object('step', running.step, 'total', running.total,
                                          'at', clock_timestamp())
-      FROM unnest($1::uuid[], $2::int[], $3::int[], $4::int[]) AS p(id, attempt, step, total)
-     WHERE jobs.id = p.id AND jobs.attempts = p.attempt AND jobs.status = 'processing'
-    RETURNING jobs.id, p.step, p.total
+      FROM running
+     WHERE jobs.id = running.id
+    RETURNING jobs.id, running.step, running.total
 )
 SELECT pg_notify('{events_channel}',
                  json_build_object('job', id, 'type', 'progress', 'step', step,

@@ -81,11 +81,21 @@ SELECT claimed.*, assets.*
 -- name: heartbeat
 -- Extend the leases this worker still holds; returns the ids it holds. A job missing from the
 -- answer was reaped (and maybe claimed again): its attempt's outcome will be fenced out.
+-- The rows are locked in id order, as record_progress locks them, so the two never deadlock.
 -- $1 job ids, $2 their attempts, $3 lease seconds.
+WITH held AS (
+    SELECT jobs.id
+      FROM jobs
+      JOIN unnest($1::uuid[], $2::int[]) AS held(id, attempt)
+        ON jobs.id = held.id AND jobs.attempts = held.attempt
+     WHERE jobs.status = 'processing'
+     ORDER BY jobs.id
+       FOR UPDATE OF jobs
+)
 UPDATE jobs
    SET lease_expires_at = clock_timestamp() + make_interval(secs => $3)
-  FROM unnest($1::uuid[], $2::int[]) AS held(id, attempt)
- WHERE jobs.id = held.id AND jobs.attempts = held.attempt AND jobs.status = 'processing'
+  FROM held
+ WHERE jobs.id = held.id
 RETURNING jobs.id;
 
 -- name: complete_job
@@ -112,7 +122,8 @@ WITH done AS (
 ), video_rows AS (
     UPDATE videos
        SET status = 'completed', video_url = ($5::text[])[1],
-           thumbnail_url = videos.metadata->>'thumbnail_path',
+           thumbnail_url = coalesce(($6::jsonb[])[1]->>'thumbnail_path',
+                                    videos.metadata->>'thumbnail_path'),
            metadata = videos.metadata || ($6::jsonb[])[1],
            completed_at = clock_timestamp(), updated_at = clock_timestamp()
       FROM done
@@ -150,13 +161,16 @@ WITH failed AS (
 SELECT count(*) FROM failed;
 
 -- name: release_job
--- Back to the queue without an outcome (the replica is stopping); the attempt stays counted.
--- Returns a row when released. $1 job id, $2 attempt.
+-- Back to the queue without an outcome (the replica is stopping, e.g. on a rolling update):
+-- the attempt is given back, since nothing about the job made it fail. Only a stopping
+-- replica releases, after its own call for the job has stopped, so the attempt number it gives
+-- back has no writer left; the holder's id fences the release itself, since the next claim
+-- reuses the number. Returns a row when released. $1 job id, $2 attempt, $3 worker id.
 WITH released AS (
     UPDATE jobs
        SET status = 'queued', claimed_by = NULL, lease_expires_at = NULL, started_at = NULL,
-           updated_at = clock_timestamp()
-     WHERE id = $1 AND attempts = $2 AND status = 'processing'
+           attempts = attempts - 1, progress = NULL, updated_at = clock_timestamp()
+     WHERE id = $1 AND attempts = $2 AND claimed_by = $3 AND status = 'processing'
     RETURNING id, queue
 ), image_rows AS (
     UPDATE images

@@ -120,7 +120,11 @@ async def test_healthz_needs_no_credential_and_readyz_checks_everything(client):
     assert (await client.get("/healthz", headers={"Authorization": ""})).status_code == 200
     ready = await client.get("/readyz")
     assert ready.status_code == 200, ready.text
-    assert set(ready.json()["checks"]) == {"database", "storage", "models"}
+    checks = ready.json()["checks"]
+    assert set(checks) == {"database", "storage", "models", "loops"}
+    # The ingress's background loops, each with its last success.
+    assert set(checks["loops"]) == {"reaper", "job-events"}
+    assert all(loop["running"] and loop["failures"] == 0 for loop in checks["loops"].values())
 
 
 async def test_unknown_routes_and_jobs_get_the_error_body(client):

@@ -118,7 +118,7 @@ async def test_a_stale_attempt_finishing_after_its_job_was_reclaimed_changes_not
         job.id, stale.attempts, {"by": "stale"}, completions(stale, "stale")
     )
     assert not await repository.fail_job(job.id, stale.attempts, "stale failure", "Stale", {})
-    assert not await repository.release_job(job.id, stale.attempts)
+    assert not await repository.release_job(job.id, stale.attempts, "dead-replica")
     still = await repository.get_job(job.id)
     assert still is not None
     assert (still.status, still.attempts, still.claimed_by) == (

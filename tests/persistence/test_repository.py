@@ -101,19 +101,21 @@ async def test_asset_urls_are_set_on_completion_not_at_submission(repository, po
     assert await pool.fetchval("SELECT video_url FROM videos") == job.assets[0].path
 
 
-async def test_a_released_job_is_queued_again_with_its_assets_and_claimed_anew(repository):
+async def test_a_released_job_is_queued_again_with_its_attempt_given_back(repository):
     job, _ = await repository.insert_job(plan(num_images=3))
     [claimed] = await claim(repository, "sdxl_queue", 3)
-    assert await repository.release_job(job.id, claimed.attempts)
+    assert not await repository.release_job(job.id, claimed.attempts, "another-replica")
+    assert await repository.release_job(job.id, claimed.attempts, WORKER)
     queued = await repository.get_job(job.id)
     assert queued is not None and queued.status is JobStatus.QUEUED
-    assert queued.started_at is None
+    assert queued.started_at is None and queued.attempts == 0
     assert {a.status for a in queued.assets} == {JobStatus.QUEUED}
     assert queued.claimed_by is None and queued.lease_expires_at is None
-    [again] = await claim(repository, "sdxl_queue", 3)
-    assert again.attempts == 2
-    assert not await repository.release_job(job.id, claimed.attempts)
-    assert not await repository.release_job(uuid4(), 1)
+    [again] = await repository.claim_jobs("sdxl_queue", 3, "next-replica", LEASE_S)
+    assert again.attempts == 1
+    # The releasing replica's number is taken again, by another holder: its release is fenced.
+    assert not await repository.release_job(job.id, claimed.attempts, WORKER)
+    assert not await repository.release_job(uuid4(), 1, WORKER)
 
 
 async def test_a_wan_video_job_has_exactly_one_video_row(repository, pool):

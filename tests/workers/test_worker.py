@@ -36,7 +36,7 @@ from ourvidz_serve.persistence.repository import JobRecord, JobRepository
 from ourvidz_serve.pipelines.base import EncodedAsset, ImageRequest
 from ourvidz_serve.pipelines.encode import probe_mp4
 from ourvidz_serve.settings import Settings
-from ourvidz_serve.storage import Storage, create_storage
+from ourvidz_serve.storage import Storage
 from ourvidz_serve.storage.local import LocalStorage
 from ourvidz_serve.workers.handlers import (
     Generated,
@@ -125,13 +125,6 @@ class HeldHandler:
             )
             for job in jobs
         ]
-
-
-@pytest.fixture
-def local_storage(settings: Settings) -> LocalStorage:
-    storage = create_storage(settings)
-    assert isinstance(storage, LocalStorage)
-    return storage
 
 
 @asynccontextmanager
@@ -296,19 +289,25 @@ async def test_a_stopping_worker_finishes_what_fits_in_its_grace_period(
     assert done is not None and done.status is JobStatus.COMPLETED, done
 
 
-async def test_a_stopping_worker_releases_what_it_cannot_finish_to_the_queue(
+async def test_a_stopping_worker_releases_what_it_cannot_finish_giving_its_attempt_back(
     repository, settings, local_storage
 ):
+    """A rolling update stops the replica, not the job: the release leaves ``attempts`` as it
+    was before the claim, so redeploys never use up a job's attempts."""
     job, _ = await repository.insert_job(plan(num_images=3))
     handler = HeldHandler()
     async with worker(repository, local_storage, handler, settings, shutdown_grace_s=0.2) as w:
-        await asyncio.wait_for(handler.claimed.get(), timeout=10)
+        [claimed] = await asyncio.wait_for(handler.claimed.get(), timeout=10)
+        assert claimed.attempts == 1
         await w.stop()
         assert w.held_jobs() == {}
     released = await repository.get_job(job.id)
     assert released is not None and released.status is JobStatus.QUEUED
-    assert (released.attempts, released.claimed_by, released.lease_expires_at) == (1, None, None)
+    assert (released.attempts, released.claimed_by, released.lease_expires_at) == (0, None, None)
     assert {asset.status for asset in released.assets} == {JobStatus.QUEUED}
+    # Claimed again, it runs as attempt 1 and stores under the contract's keys.
+    async with worker(repository, local_storage, HeldHandler(), settings) as again:
+        await eventually(lambda: _true(again.held_jobs() == {job.id: 1}), 10, "claimed again")
 
 
 class StuckStorage(FlakyStorage):
@@ -533,7 +532,7 @@ async def test_cancelling_a_running_video_stops_it_at_the_next_step_and_the_work
         assert running.progress["step"] == 2 and running.progress["total"] == 25
         assert await repository.cancel_job(job.id) is JobStatus.PROCESSING
         # The heartbeat (5 s) has not run: only the NOTIFY can have told the worker.
-        await eventually(lambda: _true(job.id in w._cancelled), 5, "the worker told")
+        await eventually(lambda: _true((job.id, 1) in w._cancelled), 5, "the worker told")
         runner.resume.set()
         await eventually(lambda: _true(not w.held_jobs()), 30, "the call stopped")
         assert max(done for done, _ in runner.steps) == 3, "stopped at the next step boundary"
@@ -576,7 +575,7 @@ async def test_cancelling_one_job_of_a_shared_sdxl_call_keeps_its_batch_mate_exa
         assert await repository.cancel_job(dropped.id) is JobStatus.PROCESSING
         gone = await repository.get_job(dropped.id)
         assert gone is not None and gone.status is JobStatus.CANCELLED  # at once
-        await eventually(lambda: _true(dropped.id in w._cancelled), 5, "the worker told")
+        await eventually(lambda: _true((dropped.id, 1) in w._cancelled), 5, "the worker told")
         runner.resume.set()
         done = await terminal(repository, kept.id)
     steps = [done_steps for done_steps, _ in runner.steps]
@@ -614,7 +613,7 @@ async def test_an_sdxl_call_whose_every_job_is_cancelled_stops_at_the_next_step(
     ) as w:
         await paused(runner)
         await repository.cancel_job(job.id)
-        await eventually(lambda: _true(job.id in w._cancelled), 5, "the worker told")
+        await eventually(lambda: _true((job.id, 1) in w._cancelled), 5, "the worker told")
         runner.resume.set()
         await eventually(lambda: _true(not w.held_jobs()), 30, "the call stopped")
     assert max(done for done, _ in runner.steps) == 2
