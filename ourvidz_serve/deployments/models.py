@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any, Protocol, TypeVar
 
@@ -35,7 +34,7 @@ from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.handlers import JobHandler
-from ourvidz_serve.workers.supervision import Supervisor, check_health
+from ourvidz_serve.workers.supervision import ReplicaUnhealthy, Supervisor, check_health
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 
 
@@ -67,10 +66,11 @@ class _QueueWorkerReplica:
         )
         self._stack.push_async_callback(self._supervisor.stop)
         metrics = ray_metrics_recorder()
-        reporting = asyncio.create_task(
-            report_gpu_memory(metrics, self._deployment, self._runner), name="gpu-memory"
+        self._supervisor.every(
+            "gpu-memory",
+            GPU_MEMORY_REPORT_S,
+            gpu_memory_reporter(metrics, self._deployment, runner=self._runner),
         )
-        self._stack.push_async_callback(_stop_task, reporting)
         pool = await self._stack.enter_async_context(open_database(settings))
         self._repository = JobRepository(
             pool,
@@ -186,14 +186,27 @@ class EnhancerDeployment:
         self._waiting = 0
         """Prompts in or waiting for a batch (the ``enhance`` queue length)."""
         self._metrics.enhance_queue(0)
-        self._reporting = asyncio.create_task(
-            report_gpu_memory(self._metrics, "Enhancer", self._runner), name="gpu-memory"
+        # Its one background loop, supervised like every other replica's.
+        self._supervisor = Supervisor(
+            restart_max_s=settings.loop_restart_max_s, stall_s=settings.loop_stall_s
+        )
+        self._supervisor.every(
+            "gpu-memory",
+            GPU_MEMORY_REPORT_S,
+            gpu_memory_reporter(self._metrics, "Enhancer", runner=self._runner),
         )
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _enhance_batch(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
         self._batch_sizes.append(len(requests))
         return await asyncio.to_thread(self._runner.enhance_or_fallback, requests)
+
+    def check_health(self) -> None:
+        """Serve's health check: its background loop is not failing. The enhancer has no
+        pool, and a failing ``generate`` falls back per call instead."""
+        problems = self._supervisor.problems()
+        if problems:
+            raise ReplicaUnhealthy("; ".join(problems))
 
     def recent_batch_sizes(self) -> list[int]:
         """Prompts per ``generate`` call, most recent last (for tests and diagnosis)."""
@@ -215,7 +228,7 @@ class EnhancerDeployment:
             self._metrics.enhance_queue(self._waiting)
 
     def ready(self) -> dict[str, Any]:
-        return replica_report(self._runner, self._gpu_share)
+        return replica_report(self._runner, self._gpu_share) | {"loops": self._supervisor.report()}
 
 
 class ModelRunner(Protocol):
@@ -251,16 +264,21 @@ def build_checked(
 GPU_MEMORY_REPORT_S = 10.0
 
 
-async def report_gpu_memory(metrics: Metrics, deployment: str, runner: ModelRunner) -> None:
-    """Record the replica's GPU memory in use and total every ``GPU_MEMORY_REPORT_S``."""
+def gpu_memory_reporter(
+    metrics: Metrics, deployment: str, *, runner: ModelRunner
+) -> Callable[[], Awaitable[None]]:
+    """One round of recording the replica's GPU memory in use and total (a supervised loop
+    runs it every ``GPU_MEMORY_REPORT_S``)."""
     from ourvidz_serve.pipelines.memory_plan import gpu_memory_report
 
     replica = serve.get_replica_context().replica_id.unique_id
-    while True:
+
+    async def report() -> None:
         report = gpu_memory_report(runner.device)
         used, total = report.get("used_bytes") or 0, report.get("total_bytes") or 0
         metrics.gpu_memory(deployment, replica, int(used), int(total))
-        await asyncio.sleep(GPU_MEMORY_REPORT_S)
+
+    return report
 
 
 def replica_report(runner: ModelRunner, gpu_share: dict[str, Any]) -> dict[str, Any]:
@@ -277,9 +295,3 @@ def replica_report(runner: ModelRunner, gpu_share: dict[str, Any]) -> dict[str, 
         "gpu_share": gpu_share,
         "acceleration": runner.acceleration,
     }
-
-
-async def _stop_task(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -26,10 +26,15 @@ FAST_RECOVERY = {
     "OURVIDZ_LEASE_S": "10",
     "OURVIDZ_HEARTBEAT_INTERVAL_S": "1",
     "OURVIDZ_REAPER_INTERVAL_S": "1",
+    # A statement waiting on a lock gives up after 5 s (the health test holds one).
+    "OURVIDZ_DB_COMMAND_TIMEOUT_S": "5",
 }
 # Two ingress replicas, so that limits are shown to hold across them; together they take the
 # CPU share one had, so the second SDXL replica of the autoscaling test still fits in 2 CPUs.
 TWO_INGRESS_REPLICAS = {"Ingress": {"num_replicas": 2, "ray_actor_options": {"num_cpus": 0.125}}}
+# Serve asks the WAN replica's check_health every second (the config says 5 s), so the test of
+# an unhealthy replica sees it replaced within seconds.
+FAST_WAN_HEALTH_CHECKS = {"WAN": {"health_check_period_s": 1, "health_check_timeout_s": 5}}
 CALLBACK_SECRET = "whsec_" + base64.b64encode(b"e2e-session-service-callbacks-01").decode()
 # Fewer server connections than the replicas' pools hold clients: their statements share them.
 POOLER_SERVER_CONNECTIONS = 10
@@ -81,7 +86,10 @@ def service(
         "OURVIDZ_CALLBACK_POLL_INTERVAL_S": "0.5",
     }
     with run_service(
-        workdir, api_key=API_KEY, extra_env=env, deployment_overrides=TWO_INGRESS_REPLICAS
+        workdir,
+        api_key=API_KEY,
+        extra_env=env,
+        deployment_overrides=TWO_INGRESS_REPLICAS | FAST_WAN_HEALTH_CHECKS,
     ) as running:
         yield running
 

@@ -16,6 +16,7 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.e2e.conftest import ServiceDatabase
 from tests.e2e.test_serve_lifecycle import finished, submit
 from tests.launcher import RunningService, replica_pids
 
@@ -152,3 +153,49 @@ async def test_an_ingress_killed_with_jobs_in_flight_loses_nothing(
     done = await assert_completed_with_exactly_their_assets(http, service, jobs)
     # The ingress held no job: nothing needed a re-run.
     assert [job["attempts"] for job in done] == [1] * len(done)
+
+
+def logged(service: RunningService, text: str) -> bool:
+    """Whether ``text`` is in the service's log or any log file of its Ray instance."""
+    paths = [service.log_path, *(service.ray_tmpdir / "ray").glob("session_*/logs/**/*")]
+    return any(path.is_file() and text in path.read_text(errors="replace") for path in paths)
+
+
+async def test_a_replica_that_stops_renewing_its_leases_is_replaced_and_its_job_done_elsewhere(
+    http: httpx.AsyncClient,
+    service: RunningService,
+    service_db: asyncpg.Connection,
+    service_database: ServiceDatabase,
+):
+    """The WAN replica's heartbeat waits on a row lock the test holds (a lock wait, a
+    half-open socket): its statements time out, its leases go unrenewed, its check_health
+    fails, and Serve replaces it. The job then completes on the new replica."""
+    job = await submit(http, job_type="video_fast")
+    deadline = time.monotonic() + 120
+    while (
+        row := await service_db.fetchrow(
+            "SELECT claimed_by FROM jobs WHERE id = $1 AND status = 'processing'", job["id"]
+        )
+    ) is None:
+        assert time.monotonic() < deadline, "the job was never claimed"
+        await asyncio.sleep(0.02)
+    first_holder = row["claimed_by"]
+    pid = pid_of(first_holder)
+    locker = await asyncpg.connect(service_database.direct_url)
+    try:
+        async with locker.transaction():
+            await locker.execute("SELECT id FROM jobs WHERE id = $1 FOR UPDATE", job["id"])
+            deadline = time.monotonic() + 150
+            while pid in replica_pids(service, "WAN"):
+                assert time.monotonic() < deadline, "the unhealthy WAN replica was not replaced"
+                await asyncio.sleep(0.5)
+    finally:
+        await locker.close()
+    done = await finished(http, job["id"], timeout_s=180)
+    assert done["status"] == "completed", done["error_message"]
+    holder = await service_db.fetchval("SELECT claimed_by FROM jobs WHERE id = $1", job["id"])
+    assert pid_of(holder) != pid and holder != first_holder, "done by the new replica"
+    [asset] = done["assets"]
+    assert (service.data_dir / "storage" / asset["bucket"] / asset["path"]).stat().st_size > 0
+    # Serve replaced it because its own health check said why, not because it crashed.
+    assert logged(service, "health check failed: the leases of 1 held jobs were last renewed")

@@ -11,18 +11,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
+from typing import Any
 
 import asyncpg
 from pydantic import SecretStr
 
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.domain import JobStatus
-from ourvidz_serve.persistence.repository import JobRepository
+from ourvidz_serve.persistence.repository import JobRecord, JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage.local import LocalStorage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
+from ourvidz_serve.workers.handlers import JobResult, RunControl
 from ourvidz_serve.workers.supervision import Supervisor
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 from tests.support.webhook_receiver import webhook_receiver
@@ -196,6 +198,92 @@ async def test_a_worker_whose_heartbeat_keeps_failing_reports_why(
         handler.release.set()
     current = await repository.get_job(job.id)
     assert current is not None
+
+
+class SteppingHandler:
+    """Reports one more denoising step every 20 ms until released, then fails its jobs."""
+
+    def __init__(self) -> None:
+        self.claimed = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def run(self, jobs: Sequence[JobRecord], control: Any = None) -> list[JobResult]:
+        assert isinstance(control, RunControl)
+        self.claimed.set()
+        step = 0
+        while not self.release.is_set():
+            step += 1
+            for job in jobs:
+                control.report_progress(job.id, job.attempts, step, 10_000)
+            await asyncio.sleep(0.02)
+        return [RuntimeError("released by the test")] * len(jobs)
+
+
+async def test_the_claim_loop_claims_again_after_its_statement_is_cancelled(
+    repository, pool, settings, local_storage: LocalStorage
+):
+    handler = HeldHandler()
+    async with worker(repository, local_storage, handler, settings, **FAST_LOOPS) as w:
+        async with locked(pool, "jobs"):
+            await cancel_waiting_statement(pool, "candidates AS")
+        await eventually(lambda: restarted(w, "claim"), 5, "the claim loop failed once")
+        job, _ = await repository.insert_job(plan())
+        [claimed] = await asyncio.wait_for(handler.claimed.get(), timeout=10)
+        assert claimed.id == job.id
+        handler.release.set()
+
+
+async def test_the_progress_loop_records_again_after_its_statement_is_cancelled(
+    repository, pool, settings, local_storage: LocalStorage
+):
+    job, _ = await repository.insert_job(plan())
+    handler = SteppingHandler()
+    async with worker(repository, local_storage, handler, settings, **FAST_LOOPS) as w:
+        await asyncio.wait_for(handler.claimed.wait(), timeout=10)
+        async with locked(pool, "jobs"):
+            await cancel_waiting_statement(pool, "running AS")
+        await eventually(lambda: restarted(w, "progress"), 5, "the progress loop failed once")
+        before = await pool.fetchval(
+            "SELECT (progress->>'step')::int FROM jobs WHERE id=$1", job.id
+        )
+
+        async def advanced() -> bool:
+            step = await pool.fetchval(
+                "SELECT (progress->>'step')::int FROM jobs WHERE id=$1", job.id
+            )
+            return step is not None and step > (before or 0)
+
+        await eventually(advanced, 5, "progress recorded again")
+        handler.release.set()
+
+
+async def test_listen_comes_back_after_its_session_is_terminated(
+    repository, pool, settings, local_storage: LocalStorage
+):
+    """A terminated LISTEN session is listened again: a cancel still reaches the worker at
+    once (its heartbeat, the other way it would learn, is 20 s away)."""
+    job, _ = await repository.insert_job(plan())
+    handler = HeldHandler()
+    slow_heartbeat = FAST_LOOPS | {"heartbeat_interval_s": 20.0, "lease_s": 60.0}
+    async with worker(repository, local_storage, handler, settings, **slow_heartbeat) as w:
+        await asyncio.wait_for(handler.claimed.get(), timeout=10)
+        listening = "SELECT pid FROM pg_stat_activity WHERE query LIKE 'LISTEN %' LIMIT 1"
+        first = await pool.fetchval(listening)
+        assert first is not None
+        assert await pool.fetchval("SELECT pg_terminate_backend($1)", first)
+
+        async def listening_again() -> bool:
+            pid = await pool.fetchval(listening)
+            return pid is not None and pid != first
+
+        await eventually(listening_again, 10, "LISTEN again on a new session")
+        assert await repository.cancel_job(job.id) is JobStatus.PROCESSING
+
+        async def told() -> bool:
+            return (job.id, 1) in w._cancelled
+
+        await eventually(told, 3, "the cancel reaching the worker")
+        handler.release.set()
 
 
 def test_the_renewal_limit_is_half_a_lease_and_never_under_two_heartbeats():
