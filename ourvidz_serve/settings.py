@@ -265,8 +265,13 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> Settings:
-        if self.heartbeat_interval_s >= self.lease_s:
-            raise ValueError("heartbeat_interval_s must be shorter than lease_s")
+        # Under half: the health check fails a replica whose leases went unrenewed for half a
+        # lease, which must leave room for a heartbeat round.
+        if 2 * self.heartbeat_interval_s >= self.lease_s:
+            raise ValueError(
+                "heartbeat_interval_s must be shorter than half of lease_s "
+                f"({self.heartbeat_interval_s:g} s for a lease of {self.lease_s:g} s)"
+            )
         return self
 
     @model_validator(mode="after")

@@ -35,7 +35,7 @@ from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.reaper import reap_once
-from ourvidz_serve.workers.supervision import Supervisor
+from ourvidz_serve.workers.supervision import HealthCheck, Supervisor
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,6 @@ async def open_app_state(
         supervisor = Supervisor(
             restart_max_s=settings.loop_restart_max_s, stall_s=settings.loop_stall_s
         )
-        stack.push_async_callback(supervisor.stop)
 
         async def reap() -> None:
             await reap_once(repository, settings.max_attempts)
@@ -93,6 +92,8 @@ async def open_app_state(
             supervisor.every("callbacks", 0, deliverer.round)
         events = JobEventHub(repository)
         supervisor.run("job-events", events.run)
+        # Stopped before the client, storage and pool they use are closed (LIFO).
+        stack.push_async_callback(supervisor.stop)
         policy = PromptPolicy.from_settings(settings)
         jobs = JobService(
             repository,
@@ -119,6 +120,11 @@ async def open_app_state(
             authenticator=Authenticator(settings.api_keys, jwt_secret),
             metrics_feed=metrics_feed,
             supervisor=supervisor,
+            health=HealthCheck(
+                repository.ping,
+                timeout_s=settings.health_db_timeout_s,
+                outage_s=settings.loop_stall_s,
+            ),
         )
 
 

@@ -14,7 +14,7 @@ from ourvidz_serve.observability.exposition import MetricsFeed
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage
-from ourvidz_serve.workers.supervision import Supervisor
+from ourvidz_serve.workers.supervision import HealthCheck, Supervisor
 
 
 @dataclass
@@ -30,3 +30,4 @@ class AppState:
     authenticator: Authenticator
     metrics_feed: MetricsFeed
     supervisor: Supervisor
+    health: HealthCheck

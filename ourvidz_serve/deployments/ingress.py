@@ -11,7 +11,6 @@ from ourvidz_serve.deployments.client import RayModelClient
 from ourvidz_serve.deployments.metrics import RayClusterFeed, ray_metrics_recorder
 from ourvidz_serve.deployments.models import alive_nodes
 from ourvidz_serve.settings import Settings
-from ourvidz_serve.workers.supervision import check_health
 
 
 @serve.deployment(name="Ingress")
@@ -41,8 +40,4 @@ class IngressDeployment:
         state = getattr(self._app.state, "ourvidz", None)
         if state is None:  # the app's lifespan has not opened its state yet
             return
-        await check_health(
-            state.supervisor.problems(),
-            state.repository.ping,
-            state.settings.health_db_timeout_s,
-        )
+        await state.health.check(state.supervisor.problems())

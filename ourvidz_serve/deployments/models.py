@@ -34,7 +34,7 @@ from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.handlers import JobHandler
-from ourvidz_serve.workers.supervision import ReplicaUnhealthy, Supervisor, check_health
+from ourvidz_serve.workers.supervision import HealthCheck, ReplicaUnhealthy, Supervisor
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 
 
@@ -58,13 +58,11 @@ class _QueueWorkerReplica:
         install_log_redaction(settings.secrets())
         self._stack = AsyncExitStack()
         self._worker: QueueWorker | None = None
-        self._health_db_timeout_s = settings.health_db_timeout_s
         # One supervisor for every background loop of the replica (the worker's and the
         # callback deliverer's); check_health reports a loop that keeps failing.
         self._supervisor = Supervisor(
             restart_max_s=settings.loop_restart_max_s, stall_s=settings.loop_stall_s
         )
-        self._stack.push_async_callback(self._supervisor.stop)
         metrics = ray_metrics_recorder()
         self._supervisor.every(
             "gpu-memory",
@@ -77,6 +75,11 @@ class _QueueWorkerReplica:
             direct_dsn=settings.database_direct_url,
             acquire_timeout_s=settings.db_acquire_timeout_s,
         )
+        self._health = HealthCheck(
+            self._repository.ping,
+            timeout_s=settings.health_db_timeout_s,
+            outage_s=settings.loop_stall_s,
+        )
         storage = create_storage(settings)
         await storage.start()
         self._stack.push_async_callback(storage.close)
@@ -85,6 +88,8 @@ class _QueueWorkerReplica:
         if deliverer is not None:
             self._stack.push_async_callback(deliverer.aclose)
             self._supervisor.every("callbacks", 0, deliverer.round)
+        # Stopped before the client, storage and pool they use are closed (LIFO).
+        self._stack.push_async_callback(self._supervisor.stop)
         if settings.workers_enabled:
             self._worker = QueueWorker(
                 self._repository,
@@ -96,7 +101,9 @@ class _QueueWorkerReplica:
                 self._supervisor,
             )
             await self._worker.start()
-            self._stack.push_async_callback(self._worker.stop)
+            worker = self._worker
+            # A replica stopped after failing its health check keeps its jobs' attempts.
+            self._stack.push_async_callback(lambda: worker.stop(give_back=not self._health.failed))
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The queue's backlog and this replica's running units, for the backlog policy."""
@@ -109,12 +116,11 @@ class _QueueWorkerReplica:
 
     async def check_health(self) -> None:
         """Serve's health check: raises (and Serve replaces the replica, whose shutdown
-        releases its jobs) when a background loop keeps failing, held leases are not being
-        renewed, or the pool cannot answer in time."""
-        problems = self._worker.health_problems() if self._worker is not None else []
-        if self._worker is None:
-            problems = self._supervisor.problems()
-        await check_health(problems, self._repository.ping, self._health_db_timeout_s)
+        releases its jobs) when a background loop died, keeps failing with a bug or hangs,
+        held leases are not being renewed, or the pool has not answered for longer than a
+        short outage."""
+        leases = self._worker.lease_problems if self._worker is not None else list
+        await self._health.check(self._supervisor.problems(), leases)
 
     async def __del__(self) -> None:
         stack = getattr(self, "_stack", None)  # absent when __init__ failed early

@@ -30,8 +30,7 @@ class JobEventHub:
 
     async def run(self, beat: Callable[[], None] = lambda: None) -> None:
         """Listen until cancelled (reconnecting after a database restart)."""
-        beat()
-        await self._repository.listen_events(self._on_event)
+        await self._repository.listen_events(self._on_event, on_listening=beat)
 
     def _on_event(self, payload: str) -> None:
         try:

@@ -51,8 +51,10 @@ _TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.LockNotAvailableError,
     asyncpg.TransactionRollbackError,
     asyncpg.ReadOnlySQLTransactionError,
-    asyncpg.InterfaceError,
 )
+# The driver's own errors on a connection that went away under a statement (asyncpg has no
+# subclass for them); any other InterfaceError ("another operation is in progress") is a bug.
+_LOST_CONNECTION_MESSAGES = ("connection is closed", "connection was closed", "pool is closing")
 
 
 class JobStateError(RuntimeError):
@@ -220,9 +222,11 @@ class JobRepository:
             raise DatabaseUnavailable(
                 f"the database is unavailable ({type(exc).__name__}); retry shortly"
             ) from exc
-        except _TRANSIENT_ERRORS as exc:
-            if isinstance(exc, asyncpg.DataError):
-                raise  # a value the statement cannot take: a bug, not a passing failure
+        except (*_TRANSIENT_ERRORS, asyncpg.InterfaceError) as exc:
+            if isinstance(exc, asyncpg.InterfaceError) and not any(
+                message in str(exc) for message in _LOST_CONNECTION_MESSAGES
+            ):
+                raise
             logger.warning("database statement failed: %s: %s", type(exc).__name__, exc)
             raise DatabaseUnavailable(
                 f"the database did not complete the statement ({type(exc).__name__}); retry shortly"
@@ -517,11 +521,15 @@ class JobRepository:
             )
         return bool(failed)
 
-    async def release_job(self, job_id: UUID, attempt: int, worker_id: str) -> bool:
-        """Put a job this attempt of ``worker_id`` holds back in the queue, its attempt given
-        back (its replica is stopping)."""
+    async def release_job(
+        self, job_id: UUID, attempt: int, worker_id: str, give_back: bool = True
+    ) -> bool:
+        """Put a job this attempt of ``worker_id`` holds back in the queue (its replica is
+        stopping), its attempt given back unless ``give_back`` is False."""
         async with self._connection() as connection:
-            released = await connection.fetch(QUERIES["release_job"], job_id, attempt, worker_id)
+            released = await connection.fetch(
+                QUERIES["release_job"], job_id, attempt, worker_id, give_back
+            )
         return bool(released)
 
     async def reap_expired_leases(self, max_attempts: int, limit: int = 100) -> list[ReapedJob]:
@@ -638,25 +646,37 @@ class JobRepository:
         on_queued: Callable[[str], None],
         on_cancelled: Callable[[UUID], None] | None = None,
         retry_s: float = 1.0,
+        on_listening: Callable[[], None] = lambda: None,
     ) -> None:
         """Call ``on_queued(queue)`` for every submission or requeue, and ``on_cancelled(id)``
         for every cancelled running job, until cancelled.
 
         Callers still poll (and the heartbeat drops cancelled jobs), since a notification
-        sent while no listener was connected is gone.
+        sent while no listener was connected is gone. ``on_listening()`` is called each time
+        LISTEN is established.
         """
         handlers: dict[str, Callable[[str], None]] = {NOTIFY_CHANNEL: on_queued}
         if on_cancelled is not None:
             handlers[CANCEL_CHANNEL] = lambda payload: on_cancelled(UUID(payload))
-        await self._listen(handlers, retry_s)
+        await self._listen(handlers, retry_s, on_listening)
 
-    async def listen_events(self, on_event: Callable[[str], None], retry_s: float = 1.0) -> None:
+    async def listen_events(
+        self,
+        on_event: Callable[[str], None],
+        retry_s: float = 1.0,
+        on_listening: Callable[[], None] = lambda: None,
+    ) -> None:
         """Call ``on_event(json)`` for every job event (see ``EVENTS_CHANNEL``), until
         cancelled. Events sent while the connection was lost are gone: subscribers read the
         job's current state when they start."""
-        await self._listen({EVENTS_CHANNEL: on_event}, retry_s)
+        await self._listen({EVENTS_CHANNEL: on_event}, retry_s, on_listening)
 
-    async def _listen(self, handlers: dict[str, Callable[[str], None]], retry_s: float) -> None:
+    async def _listen(
+        self,
+        handlers: dict[str, Callable[[str], None]],
+        retry_s: float,
+        on_listening: Callable[[], None],
+    ) -> None:
         """Hold one connection for ``LISTEN`` on the channels (a session of its own on the
         direct DSN, else a pooled one); when it is lost (a database restart), listen again as
         soon as a connection can be made."""
@@ -666,13 +686,16 @@ class JobRepository:
 
         while True:
             try:
-                await self._listen_until_lost(list(handlers), notified)
+                await self._listen_until_lost(list(handlers), notified, on_listening)
             except DatabaseUnavailable as exc:
                 logger.warning("LISTEN lost (%s); listening again in %.1fs", exc, retry_s)
             await asyncio.sleep(retry_s)
 
     async def _listen_until_lost(
-        self, channels: list[str], notified: Callable[[Any, int, str, str], None]
+        self,
+        channels: list[str],
+        notified: Callable[[Any, int, str, str], None],
+        on_listening: Callable[[], None],
     ) -> None:
         # A transaction-mode pooler hands the server connection to other clients between
         # statements, so LISTEN needs a session: its own connection to the direct DSN.
@@ -690,6 +713,7 @@ class JobRepository:
                     # Each removed even if removing another was interrupted: a connection
                     # goes back to the pool with no listener left on it.
                     listeners.push_async_callback(_unlisten, connection, channel, notified)
+                on_listening()
                 # Also look every few seconds: a dead socket is not always reported at once.
                 while not _closed(connection):
                     with contextlib.suppress(TimeoutError):

@@ -103,10 +103,10 @@ class CallbackDeliverer:
         self._retry = retry
         self._timeout_s = timeout_s
         self._poll_interval_s = poll_interval_s
-        # An attempt is two bounded statements (read the job, record the outcome) around one
-        # POST capped at timeout_s as a whole: the claim's lock outlasts all of it, so no
-        # other deliverer takes the delivery while a slow receiver is still answering.
-        self._lock_s = timeout_s + 2 * statement_bound_s + 5
+        # An attempt is three bounded statements (the job and its assets, then the outcome)
+        # around one POST capped at timeout_s as a whole: the claim's lock outlasts all of it,
+        # so no other deliverer takes the delivery while a slow receiver is still answering.
+        self._lock_s = timeout_s + 3 * statement_bound_s + 5
         self._client = httpx.AsyncClient(timeout=timeout_s, trust_env=False)
 
     @property
@@ -127,7 +127,14 @@ class CallbackDeliverer:
     async def deliver_due(self) -> int:
         """One round: claim due deliveries and attempt each (concurrently); return how many."""
         claims = await self._repository.claim_callbacks(CLAIM_BATCH, self._lock_s)
-        await asyncio.gather(*(self._attempt(claim) for claim in claims))
+        outcomes = await asyncio.gather(
+            *(self._attempt(claim) for claim in claims), return_exceptions=True
+        )
+        errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+        for error in errors[1:]:
+            logger.error("a callback attempt failed", exc_info=error)
+        if errors:
+            raise errors[0]  # the round fails (the supervisor logs it); the rest is logged
         return len(claims)
 
     async def _attempt(self, claim: CallbackClaim) -> None:

@@ -46,6 +46,9 @@ class LoopState:
     """Consecutive failures since the last success."""
     restarts: int = 0
     last_error: str | None = None
+    last_error_transient: bool = False
+    period_s: float | None = None
+    """A periodic loop's interval: a round that never completes is a problem too."""
     task: asyncio.Task[None] | None = field(default=None, repr=False)
 
     def beat(self) -> None:
@@ -74,11 +77,13 @@ class Supervisor:
         self._stall_s = stall_s
         self._loops: dict[str, LoopState] = {}
 
-    def run(self, name: str, body: Callable[[Beat], Awaitable[None]]) -> None:
+    def run(
+        self, name: str, body: Callable[[Beat], Awaitable[None]], period_s: float | None = None
+    ) -> None:
         """Run ``body(beat)`` for ever: restarted whenever it returns or raises."""
         if name in self._loops:
             raise ValueError(f"a loop named {name!r} is already supervised")
-        state = LoopState(name, started_at=time.monotonic())
+        state = LoopState(name, started_at=time.monotonic(), period_s=period_s)
         self._loops[name] = state
         state.task = asyncio.create_task(self._supervise(state, body), name=name)
 
@@ -93,7 +98,7 @@ class Supervisor:
                 beat()
                 await asyncio.sleep(interval_s if delay is None else delay)
 
-        self.run(name, periodic)
+        self.run(name, periodic, period_s=interval_s)
 
     async def _supervise(self, state: LoopState, body: Callable[[Beat], Awaitable[None]]) -> None:
         while True:
@@ -107,9 +112,10 @@ class Supervisor:
             state.failures += 1
             state.restarts += 1
             state.last_error = f"{type(error).__name__}: {error}"[:500]
+            state.last_error_transient = is_transient(error)
             delay = min(self._restart_max_s, FIRST_RESTART_S * 2 ** (state.failures - 1))
             delay *= random.uniform(0.5, 1.0)
-            if is_transient(error):
+            if state.last_error_transient:
                 logger.warning(
                     "the %s loop failed (%s); running it again in %.2fs",
                     state.name,
@@ -128,7 +134,12 @@ class Supervisor:
             await asyncio.sleep(delay)
 
     def problems(self) -> list[str]:
-        """Loops that died, or have failed for longer than the stall limit without success."""
+        """Loops that are not running, that keep failing with a bug for longer than the stall
+        limit, or whose round has not completed for that long (it hangs).
+
+        A loop failing because the database or storage is unavailable is not one: replacing
+        the replica would not bring them back (the health check's own database probe judges
+        an outage)."""
         now = time.monotonic()
         found = []
         for state in self._loops.values():
@@ -136,11 +147,18 @@ class Supervisor:
                 found.append(f"the {state.name} loop is not running")
                 continue
             since = state.last_success if state.last_success is not None else state.started_at
-            if state.failures and now - since > self._stall_s:
+            quiet = now - since
+            if state.failures and not state.last_error_transient and quiet > self._stall_s:
                 found.append(
                     f"the {state.name} loop has failed {state.failures} times in a row for "
-                    f"{now - since:.0f}s (last: {state.last_error})"
+                    f"{quiet:.0f}s (last: {state.last_error})"
                 )
+            elif (
+                not state.failures
+                and state.period_s is not None
+                and quiet > self._stall_s + state.period_s
+            ):
+                found.append(f"the {state.name} loop has not completed a round for {quiet:.0f}s")
         return found
 
     def report(self) -> dict[str, dict[str, Any]]:
@@ -170,19 +188,50 @@ class ReplicaUnhealthy(RuntimeError):
     """Raised by a replica's health check; Serve replaces a replica whose check raises."""
 
 
-async def check_health(
-    problems: list[str], ping: Callable[[], Awaitable[None]], timeout_s: float
-) -> None:
-    """Raise ``ReplicaUnhealthy`` naming every problem, the database's included: a pool
-    that cannot answer ``SELECT 1`` within ``timeout_s``."""
-    found = list(problems)
-    try:
-        async with asyncio.timeout(timeout_s):
-            await ping()
-    except TimeoutError:
-        found.append(f"the database did not answer within {timeout_s:g}s")
-    except DatabaseUnavailable as exc:
-        found.append(f"the database is unavailable: {exc.message}")
-    if found:
-        logger.error("health check failed: %s", "; ".join(found))
-        raise ReplicaUnhealthy("; ".join(found))
+class HealthCheck:
+    """A replica's health check, which Serve acts on: its loops' problems, the database
+    answering, and (while it answers) the replica's own duties such as renewing leases.
+
+    The pool must answer ``SELECT 1`` within ``timeout_s``; one that has not for longer than
+    ``outage_s`` fails the check. A shorter outage does not: every replica sees it at once,
+    and replacing them all would only reload every model while the database is away.
+    """
+
+    def __init__(
+        self, ping: Callable[[], Awaitable[None]], *, timeout_s: float, outage_s: float
+    ) -> None:
+        self._ping = ping
+        self._timeout_s = timeout_s
+        self._outage_s = outage_s
+        self._failing_since: float | None = None
+        self.failed = False
+        """Whether the last check failed: a replica Serve stops after it is being replaced,
+        not rolled, and keeps the attempts of what it releases counted."""
+
+    async def check(self, problems: list[str], duties: Callable[[], list[str]] = list) -> None:
+        """Raise ``ReplicaUnhealthy`` naming every problem found."""
+        found = list(problems)
+        error = await self._probe()
+        now = time.monotonic()
+        if error is None:
+            self._failing_since = None
+            # Judged only while the database answers: in an outage nobody renews leases.
+            found += duties()
+        else:
+            since = self._failing_since = self._failing_since or now
+            if now - since > self._outage_s:
+                found.append(f"{error} (for {now - since:.0f}s)")
+        self.failed = bool(found)
+        if found:
+            logger.error("health check failed: %s", "; ".join(found))
+            raise ReplicaUnhealthy("; ".join(found))
+
+    async def _probe(self) -> str | None:
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._ping()
+        except TimeoutError:
+            return f"the database did not answer within {self._timeout_s:g}s"
+        except DatabaseUnavailable as exc:
+            return f"the database is unavailable: {exc.message}"
+        return None

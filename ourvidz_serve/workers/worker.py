@@ -10,7 +10,8 @@ completion is fenced out deletes what it stored. A stopping replica finishes wha
 grace period and releases the rest, giving their attempts back.
 
 Every background loop runs under a :class:`Supervisor`: an error of any kind is logged and the
-loop runs again; :meth:`QueueWorker.health_problems` is what the replica's health check reports.
+loop runs again; the replica's health check reports its problems and
+:meth:`QueueWorker.lease_problems`.
 """
 
 from __future__ import annotations
@@ -110,8 +111,8 @@ class WorkerConfig:
     @property
     def lease_renewal_limit_s(self) -> float:
         """Held leases not renewed for this long make the replica unhealthy: half a lease
-        (never less than two heartbeats, so one slow round is not a failure)."""
-        return max(self.lease_s / 2, 2 * self.heartbeat_interval_s)
+        (settings keep a heartbeat under half a lease)."""
+        return self.lease_s / 2
 
 
 class QueueWorker:
@@ -170,9 +171,11 @@ class QueueWorker:
         supervisor.every("progress", PROGRESS_INTERVAL_S, self._flush_progress)
         supervisor.every("reaper", config.reaper_interval_s, self._reap)
 
-    async def stop(self) -> None:
-        """Stop claiming, let running jobs finish within the grace period, release the rest
-        (their attempts given back: a rolling update is not the job's failure)."""
+    async def stop(self, give_back: bool = True) -> None:
+        """Stop claiming, let running jobs finish within the grace period, release the rest:
+        their attempts given back (a rolling update is not the job's failure), unless
+        ``give_back`` is False (the replica failed its health check: a job that makes its
+        replica unhealthy must not run for ever)."""
         await self._supervisor.stop(list(self.CLAIMING_LOOPS))
         if self._batches:
             _, pending = await asyncio.wait(
@@ -184,9 +187,11 @@ class QueueWorker:
         held = dict(self._held)
         await _cancel(list(pending))
         self._held.clear()
+        async with self._progress_flushing:
+            self._progress.clear()  # the released attempts' steps: never recorded now
         for job_id, attempt in held.items():
             try:
-                if await self._repository.release_job(job_id, attempt, self.worker_id):
+                if await self._repository.release_job(job_id, attempt, self.worker_id, give_back):
                     logger.info("released job %s (attempt %d) to the queue", job_id, attempt)
             except DatabaseUnavailable:
                 logger.warning("could not release job %s; its lease will expire", job_id)
@@ -199,18 +204,16 @@ class QueueWorker:
         """Each background loop's last success, failures and last error."""
         return self._supervisor.report()
 
-    def health_problems(self) -> list[str]:
-        """Why this worker cannot be trusted with jobs (empty: healthy): a loop that keeps
-        failing, or held leases not renewed for half a lease (they are about to be lost
-        while the model keeps computing)."""
-        problems = self._supervisor.problems()
+    def lease_problems(self) -> list[str]:
+        """Held leases not renewed for half a lease (empty: renewed): they are about to be
+        lost while the model keeps computing, so the replica cannot be trusted with jobs."""
         stale = time.monotonic() - self._renewed_at
         if self._held and stale > self._config.lease_renewal_limit_s:
-            problems.append(
+            return [
                 f"the leases of {len(self._held)} held jobs were last renewed {stale:.0f}s ago "
                 f"(lease {self._config.lease_s:.0f}s)"
-            )
-        return problems
+            ]
+        return []
 
     def load(self) -> tuple[int, int]:
         """``(units queued in the queue, as last read; units this worker is running)``."""
@@ -228,8 +231,8 @@ class QueueWorker:
             self._cancelled.add((job_id, attempt))
 
     async def _listen(self, beat: Beat) -> None:
-        beat()  # listening; the repository waits out a lost connection itself
-        await self._repository.listen(self._on_queued, self._on_cancelled)
+        # A success each time LISTEN is established; the repository waits out lost ones.
+        await self._repository.listen(self._on_queued, self._on_cancelled, on_listening=beat)
 
     def _report_progress(self, job_id: UUID, attempt: int, step: int, total: int) -> None:
         """From the pipeline's thread: keep the latest step, for the next progress flush."""
@@ -239,6 +242,8 @@ class QueueWorker:
             )
 
     def _keep_progress(self, job_id: UUID, attempt: int, step: int, total: int, at: float) -> None:
+        if self._held.get(job_id) != attempt:
+            return  # finished or released since the pipeline's thread reported it
         self._progress[(job_id, attempt)] = (step, total)
         if step == total:
             # When denoising ended: what decoding, encoding, storing and recording add after

@@ -7,6 +7,11 @@
 -- a job submitted while a callback URL was configured owes one when it ends, whichever
 -- connection (and replica) ends it.
 ALTER TABLE jobs ADD COLUMN owes_callback BOOLEAN NOT NULL DEFAULT false;
+-- New rows default to 0005's rule, for a replica of the previous version still submitting
+-- during a rolling upgrade (its connections carry the parameter; this version sets the
+-- column). Set apart from ADD COLUMN, so that existing rows are not rewritten.
+ALTER TABLE jobs ALTER COLUMN owes_callback
+    SET DEFAULT (coalesce(current_setting('ourvidz.callbacks', true), '') = 'on');
 
 -- Jobs still unfinished at the upgrade keep what 0005 would have given them: the service
 -- applies its migrations over a direct session with ourvidz.callbacks = 'on' when it has a

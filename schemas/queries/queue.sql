@@ -165,11 +165,14 @@ SELECT count(*) FROM failed;
 -- the attempt is given back, since nothing about the job made it fail. Only a stopping
 -- replica releases, after its own call for the job has stopped, so the attempt number it gives
 -- back has no writer left; the holder's id fences the release itself, since the next claim
--- reuses the number. Returns a row when released. $1 job id, $2 attempt, $3 worker id.
+-- reuses the number. A replica stopped after failing its health check keeps the attempt
+-- counted ($4 false), so a job that makes its replica unhealthy cannot run for ever.
+-- Returns a row when released. $1 job id, $2 attempt, $3 worker id, $4 give the attempt back.
 WITH released AS (
     UPDATE jobs
        SET status = 'queued', claimed_by = NULL, lease_expires_at = NULL, started_at = NULL,
-           attempts = attempts - 1, progress = NULL, updated_at = clock_timestamp()
+           attempts = attempts - CASE WHEN $4::boolean THEN 1 ELSE 0 END, progress = NULL,
+           updated_at = clock_timestamp()
      WHERE id = $1 AND attempts = $2 AND claimed_by = $3 AND status = 'processing'
     RETURNING id, queue
 ), image_rows AS (

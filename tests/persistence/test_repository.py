@@ -116,6 +116,10 @@ async def test_a_released_job_is_queued_again_with_its_attempt_given_back(reposi
     # The releasing replica's number is taken again, by another holder: its release is fenced.
     assert not await repository.release_job(job.id, claimed.attempts, WORKER)
     assert not await repository.release_job(uuid4(), 1, WORKER)
+    # A replica stopped for failing its health check keeps the attempt counted.
+    assert await repository.release_job(job.id, again.attempts, "next-replica", give_back=False)
+    kept = await repository.get_job(job.id)
+    assert kept is not None and (kept.status, kept.attempts) == (JobStatus.QUEUED, 1)
 
 
 async def test_a_wan_video_job_has_exactly_one_video_row(repository, pool):

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from ourvidz_serve.errors import DatabaseUnavailable
-from ourvidz_serve.workers.supervision import ReplicaUnhealthy, Supervisor, check_health
+from ourvidz_serve.workers.supervision import HealthCheck, ReplicaUnhealthy, Supervisor
 
 
 async def settle(condition, timeout_s: float = 5.0) -> None:
@@ -58,8 +58,9 @@ async def test_a_loop_that_returns_is_started_again():
     assert supervisor.names() == []
 
 
-async def test_a_loop_failing_past_the_stall_limit_is_a_problem_until_it_succeeds_again():
+async def test_a_loop_failing_with_a_bug_past_the_stall_limit_is_a_problem_until_it_recovers():
     supervisor = Supervisor(restart_max_s=0.01, stall_s=0.2)
+    health = HealthCheck(_answers, timeout_s=1.0, outage_s=60)
     failing = True
 
     async def round_() -> None:
@@ -73,24 +74,70 @@ async def test_a_loop_failing_past_the_stall_limit_is_a_problem_until_it_succeed
     [problem] = supervisor.problems()
     assert "stuck" in problem and "InvalidStateError" in problem
     with pytest.raises(ReplicaUnhealthy, match="stuck"):
-        await check_health(supervisor.problems(), _answers, 1.0)
+        await health.check(supervisor.problems())
+    assert health.failed
     failing = False
     await settle(lambda: not supervisor.problems())
-    await check_health(supervisor.problems(), _answers, 1.0)
+    await health.check(supervisor.problems())
+    assert not health.failed
     await supervisor.stop()
 
 
-async def test_the_health_check_fails_when_the_database_does_not_answer_in_time():
+async def test_a_loop_failing_because_the_database_is_away_is_no_loop_problem():
+    """An outage is judged by the health check's own database probe, not per loop."""
+    supervisor = Supervisor(restart_max_s=0.01, stall_s=0.1)
+
+    async def round_() -> None:
+        raise DatabaseUnavailable("the database is unavailable (OSError); retry shortly")
+
+    supervisor.every("outage", 0.01, round_)
+    await asyncio.sleep(0.3)
+    assert supervisor.report()["outage"]["failures"] >= 3
+    assert supervisor.problems() == []
+    await supervisor.stop()
+
+
+async def test_a_round_that_hangs_is_a_problem():
+    supervisor = Supervisor(restart_max_s=0.01, stall_s=0.1)
+    supervisor.every("hangs", 0.05, lambda: asyncio.sleep(3600))
+    await asyncio.sleep(0.3)
+    [problem] = supervisor.problems()
+    assert "has not completed a round" in problem
+    await supervisor.stop()
+
+
+async def test_the_health_check_tolerates_a_short_outage_and_fails_a_long_one():
+    down = True
+
+    async def ping() -> None:
+        if down:
+            raise DatabaseUnavailable("the database is unavailable (OSError); retry shortly")
+
+    def unrenewed() -> list[str]:
+        return ["the leases of 1 held jobs were last renewed 20s ago (lease 30s)"]
+
+    health = HealthCheck(ping, timeout_s=1.0, outage_s=0.2)
+    # Leases go unrenewed in an outage for everybody: not this replica's fault.
+    await health.check([], unrenewed)
+    await asyncio.sleep(0.3)
+    with pytest.raises(ReplicaUnhealthy, match=r"unavailable.*\(for 0s\)"):
+        await health.check([], unrenewed)
+    down = False
+    # The database answers again: now unrenewed leases are this replica's problem.
+    with pytest.raises(ReplicaUnhealthy, match="last renewed"):
+        await health.check([], unrenewed)
+    await health.check([])
+
+
+async def test_the_health_check_bounds_the_database_probe():
     async def hangs() -> None:
         await asyncio.sleep(10)
 
-    async def unavailable() -> None:
-        raise DatabaseUnavailable("the database is unavailable (OSError); retry shortly")
-
+    health = HealthCheck(hangs, timeout_s=0.1, outage_s=0)
+    await health.check([])  # the first failure starts the outage clock
+    await asyncio.sleep(0.01)
     with pytest.raises(ReplicaUnhealthy, match=r"did not answer within 0\.1s"):
-        await check_health([], hangs, 0.1)
-    with pytest.raises(ReplicaUnhealthy, match="unavailable"):
-        await check_health(["the claim loop is not running"], unavailable, 1.0)
+        await health.check(["the claim loop is not running"])
 
 
 async def _answers() -> None:
