@@ -54,10 +54,10 @@ async def _init_connection(connection: asyncpg.Connection) -> None:
 async def migrate_direct(
     dsn: str, settings: Settings, migrations_dir: Path = DEFAULT_MIGRATIONS_DIR
 ) -> tuple[list[int], list[asyncpg.Record]]:
-    """Apply the migrations over a connection of their own to ``dsn``, a session (never a
-    transaction-mode pooler: the advisory lock is the session's); return the versions applied
-    now and every recorded one. No command timeout: a migration, or the wait for another
-    replica's, may take longer than any one service statement."""
+    """Apply the migrations over a connection of their own to ``dsn`` (the direct one: the
+    session parameter below needs a session); return the versions applied now and every
+    recorded one. No command timeout: a migration, or the wait for another replica's, may take
+    longer than any one service statement."""
     migrations = load_migrations(migrations_dir)
     connection = await asyncpg.connect(dsn)
     try:

@@ -1,7 +1,7 @@
 """Versioned SQL migrations from ``schemas/migrations/NNNN_name.sql``, recorded in a table.
 
-Each file is applied once, in its own transaction, under an advisory lock so that several
-replicas starting together apply it exactly once.
+Each file is applied once; the pending ones together in one transaction, under an advisory
+lock, so that several replicas starting together apply each exactly once.
 """
 
 from __future__ import annotations
@@ -47,10 +47,15 @@ def load_migrations(directory: Path = DEFAULT_MIGRATIONS_DIR) -> list[Migration]
 async def apply_migrations(
     connection: asyncpg.Connection, migrations: list[Migration]
 ) -> list[int]:
-    """Apply the migrations not yet recorded; return the versions applied now."""
+    """Apply the migrations not yet recorded; return the versions applied now.
+
+    All of them in one transaction under a transaction-scoped advisory lock: replicas starting
+    together apply each exactly once, a failing file leaves the schema as it was, and it works
+    through a transaction-mode pooler too (a session lock could be taken on one server
+    connection and released on another)."""
     applied_now: list[int] = []
-    await connection.execute("SELECT pg_advisory_lock($1)", _ADVISORY_LOCK_ID)
-    try:
+    async with connection.transaction():
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", _ADVISORY_LOCK_ID)
         await connection.execute(
             """
             CREATE TABLE IF NOT EXISTS schema_migrations (
@@ -67,14 +72,11 @@ async def apply_migrations(
         for migration in migrations:
             if migration.version in done:
                 continue
-            async with connection.transaction():
-                await connection.execute(migration.sql)
-                await connection.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
+            await connection.execute(migration.sql)
+            await connection.execute(
+                "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                migration.version,
+                migration.name,
+            )
             applied_now.append(migration.version)
-    finally:
-        await connection.execute("SELECT pg_advisory_unlock($1)", _ADVISORY_LOCK_ID)
     return applied_now

@@ -181,5 +181,26 @@ async def test_an_upgrade_keeps_the_callbacks_that_unfinished_jobs_were_submitte
         await admin.close()
 
 
+async def test_migrations_apply_exactly_once_through_the_transaction_pooler_alone(
+    bouncer: PgBouncer, database_url: str
+):
+    """Without a direct URL, replicas starting together migrate through the pooler: the lock
+    is the transaction's, so it is taken and released on the one server connection."""
+    name = f"pooled_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(database_url)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    try:
+        pooled_dsn = bouncer.url(name)
+        results = await asyncio.gather(*(migrate_direct(pooled_dsn, Settings()) for _ in range(3)))
+        applied = sorted(version for versions, _ in results for version in versions)
+        expected = [migration.version for migration in load_migrations()]
+        assert applied == expected, "each migration applied once, by one of the three"
+        recorded = [row["version"] for row in results[0][1]]
+        assert recorded == expected
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await admin.close()
+
+
 async def _true(value: object) -> bool:
     return bool(value)

@@ -134,14 +134,13 @@ def _run_as(backend: Backend) -> list[str]:
 
 def _config(backend: Backend, port: int, directory: Path, pool_size: int) -> str:
     password = f" password={backend.password}" if backend.password else ""
-    target = (
-        f"host={backend.host} port={backend.port} user={backend.user}"
-        f" dbname={backend.database}{password}"
-    )
+    server = f"host={backend.host} port={backend.port} user={backend.user}{password}"
     return "\n".join(
         [
             "[databases]",
-            f"{backend.database} = {target}",
+            f"{backend.database} = {server} dbname={backend.database}",
+            # Any other database of the same server, under its own name (tests that create one).
+            f"* = {server}",
             "[pgbouncer]",
             "listen_addr = 127.0.0.1",
             f"listen_port = {port}",
