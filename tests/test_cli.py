@@ -6,7 +6,6 @@ signed-looking file URLs, contract error bodies); the real service is tests/e2e/
 
 from __future__ import annotations
 
-import asyncio
 import io
 import json
 import subprocess
@@ -19,7 +18,6 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import pytest
 import typer
 import yaml
@@ -31,6 +29,7 @@ from ourvidz_serve.cli import app
 from ourvidz_serve.cli.client import describe_error_body, file_name_from_url, parse_sse
 from ourvidz_serve.cli.jobs import JobFollower, build_job_request
 from ourvidz_serve.cli.migrate import redact_dsn
+from tests.support.databases import new_database_sync
 from tests.support.loopback_http import png_bytes, serving_in_thread
 
 REPO = Path(__file__).resolve().parents[1]
@@ -739,19 +738,7 @@ def test_job_types_lists_the_catalog(fake):
 
 
 def test_migrate_applies_the_migrations_once(database_url, monkeypatch):
-    name = f"cli_migrate_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        base, _, query = database_url.partition("?")
-        dsn = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    with new_database_sync(database_url, "cli_migrate") as dsn:
         monkeypatch.setenv("OURVIDZ_DATABASE_URL", dsn)
         versions = sorted(
             int(p.name[:4]) for p in (REPO / "schemas" / "migrations").glob("[0-9]*.sql")
@@ -763,8 +750,6 @@ def test_migrate_applies_the_migrations_once(database_url, monkeypatch):
         assert again.exit_code == 0, again.output
         assert "already up to date" in again.stdout
         assert "initial" in again.stdout
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def test_migrate_reports_bad_settings(monkeypatch):

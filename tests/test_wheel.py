@@ -17,14 +17,14 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import uuid
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+
+from tests.support.databases import new_database_sync
 
 REPO = Path(__file__).resolve().parents[1]
 MIGRATIONS = REPO / "schemas" / "migrations"
@@ -110,21 +110,8 @@ def environment(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def empty_database(database_url: str) -> Iterator[str]:
     """The DSN of a new, empty database on the tests' PostgreSQL server."""
-    name = f"wheel_migrate_{uuid.uuid4().hex[:12]}"
-
-    async def admin(statement: str) -> None:
-        connection = await asyncpg.connect(database_url)
-        try:
-            await connection.execute(statement)
-        finally:
-            await connection.close()
-
-    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
-    try:
-        # pgserver's URI names the socket directory in a `host=` query parameter: kept as is.
-        yield urlunsplit(urlsplit(database_url)._replace(path=f"/{name}"))
-    finally:
-        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with new_database_sync(database_url, "wheel_migrate") as dsn:
+        yield dsn
 
 
 def test_the_wheel_holds_every_sql_file_and_the_whole_package_but_no_json_schema(wheel: Path):

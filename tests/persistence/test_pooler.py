@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -20,6 +19,7 @@ from ourvidz_serve.persistence.database import migrate_direct, open_database
 from ourvidz_serve.persistence.migrations import DEFAULT_MIGRATIONS_DIR, load_migrations
 from ourvidz_serve.persistence.repository import AssetCompletion, JobRepository
 from ourvidz_serve.settings import Settings
+from tests.support.databases import new_database
 from tests.support.pgbouncer import PgBouncer, running_pgbouncer
 
 USER = UUID("6f1c1f38-5b8e-4a52-8f8e-0c9a6f0d2b11")
@@ -146,12 +146,7 @@ async def test_an_upgrade_keeps_the_callbacks_that_unfinished_jobs_were_submitte
 ):
     """Before 0007 a job owed its callback by the session that ended it; the jobs still queued
     or running at the upgrade of a service with a callback URL owe theirs afterwards."""
-    name = f"upgrade_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        base, _, query = database_url.partition("?")
-        dsn = base.rsplit("/", 1)[0] + f"/{name}" + (f"?{query}" if query else "")
+    async with new_database(database_url, "upgrade") as (_name, dsn):
         released = tmp_path / "released"
         released.mkdir()
         for migration in load_migrations():
@@ -173,12 +168,19 @@ async def test_an_upgrade_keeps_the_callbacks_that_unfinished_jobs_were_submitte
             applied, _ = await migrate_direct(dsn, settings, DEFAULT_MIGRATIONS_DIR)
             assert 7 in applied
             owes = dict(await connection.fetch("SELECT status, owes_callback FROM jobs"))
+            # A replica of the previous version, still submitting during a rolling upgrade,
+            # names no owes_callback: the default follows its session parameter, as 0005 did.
+            insert_as_before = (
+                "INSERT INTO jobs (user_id, job_type, format, quality, model_type, queue, "
+                "batch_key) VALUES ($1, 'sdxl_image_fast', 'png', 'fast', 'sdxl', "
+                "'sdxl_queue', 'k') RETURNING owes_callback"
+            )
+            assert not await connection.fetchval(insert_as_before, USER)
+            await connection.execute("SET ourvidz.callbacks = 'on'")
+            assert await connection.fetchval(insert_as_before, USER)
         finally:
             await connection.close()
         assert owes == {"queued": True, "processing": True, "completed": False}
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def test_migrations_apply_exactly_once_through_the_transaction_pooler_alone(
@@ -186,10 +188,7 @@ async def test_migrations_apply_exactly_once_through_the_transaction_pooler_alon
 ):
     """Without a direct URL, replicas starting together migrate through the pooler: the lock
     is the transaction's, so it is taken and released on the one server connection."""
-    name = f"pooled_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(database_url)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    try:
+    async with new_database(database_url, "pooled") as (name, _dsn):
         pooled_dsn = bouncer.url(name)
         results = await asyncio.gather(*(migrate_direct(pooled_dsn, Settings()) for _ in range(3)))
         applied = sorted(version for versions, _ in results for version in versions)
@@ -197,9 +196,6 @@ async def test_migrations_apply_exactly_once_through_the_transaction_pooler_alon
         assert applied == expected, "each migration applied once, by one of the three"
         recorded = [row["version"] for row in results[0][1]]
         assert recorded == expected
-    finally:
-        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await admin.close()
 
 
 async def _true(value: object) -> bool:
