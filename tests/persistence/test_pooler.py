@@ -5,7 +5,6 @@ by the job, not by a session parameter that no pooler carries."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from uuid import UUID
@@ -21,6 +20,7 @@ from ourvidz_serve.persistence.repository import AssetCompletion, JobRepository
 from ourvidz_serve.settings import Settings
 from tests.support.databases import new_database
 from tests.support.pgbouncer import PgBouncer, running_pgbouncer
+from tests.support.waiting import until
 
 USER = UUID("6f1c1f38-5b8e-4a52-8f8e-0c9a6f0d2b11")
 LEASE_S = 30.0
@@ -37,16 +37,6 @@ def bouncer(database_url: str) -> Iterator[PgBouncer]:
 def plan(job_type: str = "sdxl_image_fast", **fields):
     body = {"job_type": job_type, "prompt": "a lantern on a pier"} | fields
     return plan_job(JobRequest.model_validate(body), USER)
-
-
-async def until(check, timeout_s: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached"
-        await asyncio.sleep(0.05)
 
 
 async def test_the_queue_and_callbacks_work_through_a_transaction_mode_pooler(
@@ -68,7 +58,7 @@ async def test_the_queue_and_callbacks_work_through_a_transaction_mode_pooler(
                 await pooled.execute("SELECT pg_notify('ourvidz_jobs_queued', 'probe')")
                 return "probe" in queued
 
-            await until(probe_arrived, what="LISTEN on the direct connection")
+            await until(probe_arrived, 10.0, "LISTEN on the direct connection", poll_s=0.05)
 
             # Many clients at once over two server connections: submissions with and without
             # a callback owed, each statement prepared afresh (statement_cache_size=0).
@@ -81,7 +71,9 @@ async def test_the_queue_and_callbacks_work_through_a_transaction_mode_pooler(
             to_cancel, _ = await repository.insert_job(plan(), owes_callback=True)
             await until(
                 lambda: _true(queued.count("sdxl_queue") >= 5 and "wan_queue" in queued),
-                what="the submissions' notifications",
+                10.0,
+                "the submissions' notifications",
+                poll_s=0.05,
             )
 
             assert await repository.cancel_job(to_cancel.id) is not None

@@ -4,7 +4,6 @@ the database across a restart, and a slow receiver that delays nothing but itsel
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import contextlib
 import json
@@ -24,6 +23,7 @@ from ourvidz_serve.workers.callbacks import CallbackSigner, RetryPolicy
 from tests.conftest import TEST_API_KEY
 from tests.inprocess import InProcessModels, TinyRunners, running_workers
 from tests.launcher import free_loopback_port
+from tests.support.waiting import until
 from tests.support.webhook_receiver import webhook_receiver
 
 SECRET = "whsec_" + base64.b64encode(b"callback-secret-for-the-tests-01").decode()
@@ -88,16 +88,6 @@ async def submit(client: httpx.AsyncClient, **fields) -> str:
     response = await client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     return response.json()["id"]
-
-
-async def until(check, timeout_s: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = await check()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached"
-        await asyncio.sleep(0.1)
 
 
 async def delivered_job(client: httpx.AsyncClient, job_id: str) -> dict | None:
