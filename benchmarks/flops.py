@@ -3,7 +3,7 @@
 Reproduces the table "Physical limits (FLOP counts of the real architectures, on the meta
 device)" of PERFORMANCE.md, and prints each figure next to the one stated there.
 
-    .venv/bin/python benchmarks/flops.py
+    .venv/bin/python benchmarks/flops.py [--only sdxl] [--only wan] [--only qwen]
 
 How it counts:
 
@@ -33,6 +33,7 @@ Time bounds: 989 TF/s (H100 SXM, bf16 dense) and 364 TF/s (RTX 6000 Ada); memory
 
 from __future__ import annotations
 
+import argparse
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -340,9 +341,17 @@ def print_table(rows: list[Row]) -> None:
             print("-+-".join("-" * width for width in widths))
 
 
+ROWS: dict[str, Callable[[], list[Row]]] = {"sdxl": sdxl_rows, "wan": wan_rows, "qwen": qwen_rows}
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", choices=list(ROWS), action="append", help="these models' rows (default: all)"
+    )
+    args = parser.parse_args()
     start = time.perf_counter()
-    rows = sdxl_rows() + wan_rows() + qwen_rows()
+    rows = [row for name in args.only or list(ROWS) for row in ROWS[name]()]
     print_table(rows)
     off = [r for r in rows if r.stated and abs(r.amount / r.stated.amount - 1) > 0.05]
     print()

@@ -27,6 +27,14 @@ class Queue(StrEnum):
     WAN = "wan_queue"
 
 
+class Tier(StrEnum):
+    """A job's service tier: its weight in fair order and its GPU-time quota."""
+
+    PREMIUM = "premium"
+    STANDARD = "standard"
+    BULK = "bulk"
+
+
 class ReferenceType(StrEnum):
     """What an SDXL reference image steers: its style, its composition or a character."""
 

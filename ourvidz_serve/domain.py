@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 from uuid import UUID
 
-from ourvidz_serve.catalog import JobTypeSpec
+from ourvidz_serve.catalog import JobTypeSpec, Tier
 
 
 class JobStatus(StrEnum):
@@ -55,3 +55,6 @@ class JobPlan:
     idempotency_key: str | None = None
     request_hash: str | None = None
     asset_kind: AssetKind = field(default=AssetKind.IMAGE)
+    tier: Tier = Tier.STANDARD
+    cost_s: float = 0.0
+    """Expected GPU seconds: the catalog's expected time times the job's units."""

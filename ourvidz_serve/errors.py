@@ -60,6 +60,12 @@ class TooManyQueuedJobs(RateLimited):
     code = "too_many_queued_jobs"
 
 
+class QuotaExhausted(RateLimited):
+    """The user's GPU-time budget for the window cannot cover the job."""
+
+    code = "quota_exhausted"
+
+
 class Unauthorized(OurVidzError):
     status_code = 401
     code = "unauthorized"
@@ -73,6 +79,13 @@ class Forbidden(OurVidzError):
 class NotFound(OurVidzError):
     status_code = 404
     code = "not_found"
+
+
+class Gone(OurVidzError):
+    """The resource existed and was removed on purpose (retention deleted a job's files)."""
+
+    status_code = 410
+    code = "expired"
 
 
 class Conflict(OurVidzError):

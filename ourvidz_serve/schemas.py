@@ -40,6 +40,9 @@ class _NoModels:
     async def enhance(self, requests: list[EnhanceRequest]) -> list[EnhanceResult]:
         raise RuntimeError("no model deployments: this app only renders its OpenAPI document")
 
+    async def replicas(self) -> dict[str, int]:
+        raise RuntimeError("no model deployments: this app only renders its OpenAPI document")
+
 
 def openapi_document() -> dict[str, Any]:
     """The document the ingress serves at ``GET /openapi.json``.

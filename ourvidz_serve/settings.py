@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ourvidz_serve.catalog import JOB_TYPES, ModelFamily, StepCache
+from ourvidz_serve.catalog import JOB_TYPES, ModelFamily, StepCache, Tier
 
 MIN_JWT_SECRET_BYTES = 32
 
@@ -180,6 +180,29 @@ class Settings(BaseSettings):
         15, ge=1, description="Retry-After of a submission refused for too many queued jobs"
     )
 
+    tier_weights: dict[Tier, float] = Field(
+        default_factory=lambda: {Tier.PREMIUM: 4.0, Tier.STANDARD: 2.0, Tier.BULK: 1.0},
+        description="Each tier's share of a queue's GPU time per backlogged user (fair order), "
+        'as JSON, e.g. {"premium": 4, "standard": 2, "bulk": 1}; a tier left out weighs 1',
+    )
+    quota_gpu_seconds: dict[Tier, float] = Field(
+        default_factory=dict,
+        description="GPU seconds a user of each tier may spend per quota window, as JSON, e.g. "
+        '{"standard": 3600}; a tier left out has no quota',
+    )
+    quota_window_s: float = Field(
+        86400.0, gt=0, description="The rolling window GPU-time quotas are counted over"
+    )
+    retention_days: float | None = Field(
+        None,
+        gt=0,
+        description="Finished jobs' files are deleted this long after they ended, and their "
+        "rows marked expired (fractions allowed); unset: kept for ever",
+    )
+    retention_sweep_interval_s: float = Field(
+        300.0, gt=0, description="How often each model replica's retention sweeper runs"
+    )
+
     callback_url: str | None = None
     callback_secret: SecretStr | None = Field(
         None,
@@ -261,6 +284,16 @@ class Settings(BaseSettings):
                 f"wan_step_cache names {', '.join(unknown)}; WAN job types are "
                 f"{', '.join(sorted(wan_types))}"
             )
+        return value
+
+    @field_validator("tier_weights", "quota_gpu_seconds")
+    @classmethod
+    def _positive_per_tier(cls, value: dict[Tier, float]) -> dict[Tier, float]:
+        # A zero weight would divide by zero at submission; a negative one would run a tier's
+        # virtual time backwards, ahead of everyone.
+        bad = {tier.value: figure for tier, figure in value.items() if not figure > 0}
+        if bad:
+            raise ValueError(f"every tier's figure must be greater than 0, got {bad}")
         return value
 
     @model_validator(mode="after")

@@ -61,7 +61,9 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
 @pytest.fixture
 async def repository(pool: asyncpg.Pool) -> JobRepository:
     """A repository over empty tables."""
-    await pool.execute("TRUNCATE jobs, images, videos, rate_limits, callback_deliveries")
+    await pool.execute(
+        "TRUNCATE jobs, images, videos, rate_limits, callback_deliveries, fair_shares, gpu_usage"
+    )
     return JobRepository(pool)
 
 

@@ -57,6 +57,9 @@ class InProcessModels:
     async def check(self) -> dict[str, str]:
         return {"sdxl": "ok", "wan": "ok", "enhancer": "ok"}
 
+    async def replicas(self) -> dict[str, int]:
+        return {"sdxl_queue": 1, "wan_queue": 1}  # the in-process workers: one per queue
+
 
 def handler_for(
     queue: Queue, runners: TinyRunners, storage: Storage, metrics: Metrics = NO_METRICS

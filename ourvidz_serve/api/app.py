@@ -18,11 +18,15 @@ from ourvidz_serve.api.metrics import router as metrics_router
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
+from ourvidz_serve.api.scheduling import router as scheduling_router
 from ourvidz_serve.api.state import AppState
+from ourvidz_serve.api.users import router as users_router
 from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
+from ourvidz_serve.jobs.retention import UserDataService
+from ourvidz_serve.jobs.scheduling import QueueService, SchedulingPolicy, UsageService
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.observability.exposition import MetricsFeed, RegistryFeed
 from ourvidz_serve.observability.metrics import Metrics, PrometheusBackend
@@ -95,6 +99,8 @@ async def open_app_state(
         # Stopped before the client, storage and pool they use are closed (LIFO).
         stack.push_async_callback(supervisor.stop)
         policy = PromptPolicy.from_settings(settings)
+        scheduling = SchedulingPolicy.from_settings(settings)
+        queues = QueueService(repository, models.replicas)
         jobs = JobService(
             repository,
             storage,
@@ -106,6 +112,8 @@ async def open_app_state(
             queued_jobs_retry_after_s=settings.queued_jobs_retry_after_s,
             metrics=metrics,
             callbacks=settings.callback_url is not None,
+            scheduling=scheduling,
+            queues=queues,
         )
         jwt_secret = settings.jwt_secret.get_secret_value() if settings.jwt_secret else None
         yield AppState(
@@ -116,6 +124,7 @@ async def open_app_state(
             jobs=jobs,
             enhancement=EnhancementService(models, policy),
             references=references,
+            users=UserDataService(repository, storage, metrics),
             limiter=limiter,
             authenticator=Authenticator(settings.api_keys, jwt_secret),
             metrics_feed=metrics_feed,
@@ -125,6 +134,8 @@ async def open_app_state(
                 timeout_s=settings.health_db_timeout_s,
                 outage_s=settings.loop_stall_s,
             ),
+            queues=queues,
+            usage=UsageService(repository, scheduling),
         )
 
 
@@ -161,7 +172,9 @@ def create_app(
     app.include_router(jobs_router)
     app.include_router(references_router)
     app.include_router(enhance_router)
+    app.include_router(users_router)
     app.include_router(metrics_router)
+    app.include_router(scheduling_router)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

@@ -12,6 +12,7 @@ from uuid import UUID
 
 import jwt
 
+from ourvidz_serve.catalog import Tier
 from ourvidz_serve.errors import Unauthorized
 from ourvidz_serve.jobs.principal import Principal
 
@@ -61,8 +62,14 @@ class Authenticator:
                 leeway=JWT_LEEWAY_S,
                 options={"require": ["sub", "exp"]},
             )
-            return Principal(user_id=UUID(str(claims["sub"])), is_service=False)
+            user_id = UUID(str(claims["sub"]))
         except jwt.PyJWTError as exc:
             raise Unauthorized(f"invalid user token: {exc}") from exc
         except ValueError as exc:
             raise Unauthorized("user token 'sub' is not a UUID") from exc
+        tier = claims.get("tier")
+        if tier is not None and tier not in set(Tier):
+            raise Unauthorized(f"user token 'tier' must be one of {', '.join(Tier)}")
+        return Principal(
+            user_id=user_id, is_service=False, tier=Tier(tier) if tier is not None else None
+        )

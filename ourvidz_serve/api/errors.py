@@ -34,9 +34,12 @@ _DESCRIPTIONS = {
     403: "The credential may not do this",
     404: "No such resource (or it belongs to another user)",
     409: "Conflict with an earlier request",
+    410: "The file was deleted: its job passed the retention period",
     413: "The request body is larger than allowed",
     422: "The request is invalid; the message says why",
-    429: "Rate limit or queued-jobs cap reached; see the Retry-After header",
+    429: "Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota "
+    "(quota_exhausted) reached; see the Retry-After header",
+    502: "Object storage failed; the request can be retried",
     503: "The service is starting or its database is unavailable",
 }
 

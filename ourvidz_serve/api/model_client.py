@@ -16,3 +16,7 @@ class ModelClient(Enhancer, Protocol):
         """Every model deployment's readiness answer (placement, GPU memory); raise if one
         does not answer."""
         ...
+
+    async def replicas(self) -> dict[str, int]:
+        """Running replicas of each queue's deployment, by queue name (``sdxl_queue``...)."""
+        ...

@@ -12,9 +12,10 @@ from ourvidz_serve.api.dependencies import get_state, require_principal
 from ourvidz_serve.api.errors import AUTHENTICATED_ERRORS, error_responses
 from ourvidz_serve.api.state import AppState
 from ourvidz_serve.catalog import JOB_TYPES, WAN_FPS, OutputFormat
-from ourvidz_serve.errors import NotFound
+from ourvidz_serve.errors import NotFound, ObjectNotFound
 from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import JobTypeResource
+from ourvidz_serve.jobs.retention import raise_if_expired
 from ourvidz_serve.storage.local import LocalStorage
 
 router = APIRouter()
@@ -101,7 +102,7 @@ async def job_types(
     response_class=FileResponse,
     responses={
         200: {"description": "The file", "content": {"application/octet-stream": {}}},
-        **error_responses(403, 404, 422, 503),
+        **error_responses(403, 404, 410, 422, 503),
     },
 )
 async def download_file(
@@ -111,10 +112,17 @@ async def download_file(
     expires: Annotated[int, Query()],
     signature: Annotated[str, Query()],
 ) -> FileResponse:
-    """A local-storage object behind an expiring signed URL (the URL is the credential)."""
+    """A local-storage object behind an expiring signed URL (the URL is the credential).
+
+    A file that retention deleted answers 410 (``expired``); any other missing file 404.
+    """
     storage = state.storage
     if not isinstance(storage, LocalStorage):
         raise NotFound("file downloads are served by the local storage backend only")
     storage.verify(bucket, key, expires, signature)
-    path = await storage.open_for_download(bucket, key)
+    try:
+        path = await storage.open_for_download(bucket, key)
+    except ObjectNotFound:
+        await raise_if_expired(state.repository, bucket, key)
+        raise
     return FileResponse(path)

@@ -9,6 +9,8 @@ from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.references import ReferenceService
+from ourvidz_serve.jobs.retention import UserDataService
+from ourvidz_serve.jobs.scheduling import QueueService, UsageService
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.observability.exposition import MetricsFeed
 from ourvidz_serve.persistence.repository import JobRepository
@@ -26,8 +28,11 @@ class AppState:
     jobs: JobService
     enhancement: EnhancementService
     references: ReferenceService
+    users: UserDataService
     limiter: RateLimiter
     authenticator: Authenticator
     metrics_feed: MetricsFeed
     supervisor: Supervisor
     health: HealthCheck
+    queues: QueueService
+    usage: UsageService

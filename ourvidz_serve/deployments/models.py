@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import os
 import socket
 from collections.abc import Awaitable, Callable
@@ -34,6 +35,7 @@ from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
 from ourvidz_serve.workers.handlers import JobHandler
+from ourvidz_serve.workers.retention import RetentionSweeper
 from ourvidz_serve.workers.supervision import HealthCheck, ReplicaUnhealthy, Supervisor
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
 
@@ -88,6 +90,11 @@ class _QueueWorkerReplica:
         if deliverer is not None:
             self._stack.push_async_callback(deliverer.aclose)
             self._supervisor.every("callbacks", 0, deliverer.round)
+        # Retention (OURVIDZ_RETENTION_DAYS): every replica sweeps, batches are SKIP LOCKED.
+        sweeper = RetentionSweeper.from_settings(self._repository, storage, settings)
+        if sweeper is not None:
+            interval = settings.retention_sweep_interval_s
+            self._supervisor.every("retention", interval, sweeper.round)
         # Stopped before the client, storage and pool they use are closed (LIFO).
         self._stack.push_async_callback(self._supervisor.stop)
         if settings.workers_enabled:
@@ -95,7 +102,9 @@ class _QueueWorkerReplica:
                 self._repository,
                 storage,
                 handler_for(storage, metrics),
-                WorkerConfig.for_queue(settings, self._queue),
+                dataclasses.replace(
+                    WorkerConfig.for_queue(settings, self._queue), gpu_share=_charged_gpu_share()
+                ),
                 _worker_id(self._deployment),
                 metrics,
                 self._supervisor,
@@ -265,6 +274,13 @@ def build_checked(
     num_gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
     share = check_replica_share(deployment, settings, num_gpus)
     return build(settings), share
+
+
+def _charged_gpu_share() -> float:
+    """The GPUs this replica was given; on a CPU, the device counts as one whole GPU, so that
+    quotas charge what ran there too."""
+    num_gpus = float(ray.get_runtime_context().get_assigned_resources().get("GPU", 0.0))
+    return num_gpus if num_gpus > 0 else 1.0
 
 
 GPU_MEMORY_REPORT_S = 10.0

@@ -17,6 +17,7 @@ from ourvidz_serve.catalog import (
     JobTypeSpec,
     ModelFamily,
     OutputFormat,
+    Tier,
     expected_generation_time,
     nearest_wan_frame_count,
 )
@@ -47,6 +48,7 @@ def plan_job(
     idempotency_key: str | None = None,
     job_id: UUID | None = None,
     now: datetime | None = None,
+    tier: Tier = Tier.STANDARD,
 ) -> JobPlan:
     spec = JOB_TYPES[request.job_type]
     job_id = job_id or uuid4()
@@ -154,6 +156,8 @@ def plan_job(
         asset_kind=kind,
         batch_key=batch_key(spec, system),
         units=num_images if spec.model is ModelFamily.SDXL else 1,
+        tier=tier,
+        cost_s=float(system["expected_generation_time"]),
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
+from ourvidz_serve.catalog import Tier
 from ourvidz_serve.errors import Forbidden, InvalidRequest
 from ourvidz_serve.persistence.repository import JobRecord
 
@@ -17,6 +18,8 @@ class Principal:
     is_service: bool
     key_id: str | None = None
     """Which service key (a hash of it), for rate limits and logs."""
+    tier: Tier | None = None
+    """A user's service tier, from their token's ``tier`` claim (``None``: standard)."""
 
     @property
     def rate_subject(self) -> str:

@@ -16,7 +16,9 @@ from ourvidz_serve.catalog import (
     ModelFamily,
     OutputFormat,
     Quality,
+    Queue,
     ReferenceType,
+    Tier,
 )
 from ourvidz_serve.domain import AssetKind, JobStatus
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS
@@ -55,7 +57,8 @@ RESERVED_METADATA_KEYS = frozenset(
         "attempt", "enhancement_time", "pipeline_batch_images", "queue_wait_time",
         "original_prompt", "enhanced_prompt", "enhancement_fallback",
         "enhancement_warning", "generation_time", "total_time", "generation_timestamp",
-        "output_width", "output_height", "batch_count", "performance_ratio", "error_type",
+        "gpu_seconds", "output_width", "output_height", "batch_count", "performance_ratio",
+        "error_type",
         "stopped_at_step", "total_steps", "denoising_finished_at", "requested_width",
         "requested_height", "step_cache", "step_cache_computed_calls",
         "step_cache_skipped_calls", "step_cache_calibration",
@@ -108,6 +111,11 @@ class JobRequest(BaseModel):
     video_id: UUID | None = Field(None, validation_alias=AliasChoices("video_id", "videoId"))
     image_id: UUID | None = Field(None, validation_alias=AliasChoices("image_id", "imageId"))
     metadata: dict[str, Any] = Field(default_factory=dict)
+    tier: Tier | None = Field(
+        None,
+        description="Service tier (fair share and quota): any with a service key; a user's "
+        "token sets theirs (its 'tier' claim, else standard), which the body may only lower",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -226,10 +234,26 @@ class JobResource(BaseModel):
     progress: JobProgress | None = Field(
         None, description="The latest denoising step its worker recorded while it ran"
     )
+    expired_at: datetime | None = Field(
+        None,
+        description="When retention deleted its files: its assets then have no URLs and "
+        "their downloads answer 410",
+    )
     assets: list[AssetResource]
     callbacks: list[CallbackDelivery] = Field(
         default_factory=list,
         description="Callback deliveries owed for this job and every attempt (GET only)",
+    )
+    tier: Tier = Field(Tier.STANDARD, description="Its service tier: its weight in fair order")
+    queue_position: int | None = Field(
+        None,
+        description="A queued job's approximate place in its queue's fair order (0: next); "
+        "counted up to a cap (GET only)",
+    )
+    estimated_start_at: datetime | None = Field(
+        None,
+        description="When a queued job is expected to start: the expected GPU time of the jobs "
+        "ahead of it spread over the queue's replicas (GET only)",
     )
 
 
@@ -277,3 +301,47 @@ class JobTypeResource(BaseModel):
     fps: int | None
     allowed_num_images: list[int]
     expected_time_s: float
+
+
+class TierQueueStatus(BaseModel):
+    tier: Tier
+    queued: int = Field(description="Jobs waiting (counted up to a cap)")
+    running: int
+    oldest_wait_s: float | None = Field(description="How long the oldest waiting job has waited")
+    backlog_gpu_seconds: float = Field(description="Expected GPU seconds of the waiting jobs")
+
+
+class QueueStatus(BaseModel):
+    """One queue as the service key sees it (``GET /v1/queues``)."""
+
+    queue: Queue
+    replicas: int | None = Field(
+        description="Running replicas of the queue's deployment (null: Serve did not answer)"
+    )
+    queued: int
+    running: int
+    oldest_wait_s: float | None
+    backlog_gpu_seconds: float
+    tiers: list[TierQueueStatus] = Field(description="The same figures per tier")
+
+
+class QueueList(BaseModel):
+    queues: list[QueueStatus]
+
+
+class UsageResource(BaseModel):
+    """A user's GPU time in the quota's rolling window (``GET /v1/usage``)."""
+
+    user_id: UUID
+    tier: Tier
+    window_s: float = Field(description="The rolling window GPU time is counted over")
+    spent_gpu_seconds: float = Field(
+        description="Charged in the window: measured generation time times the GPU share"
+    )
+    reserved_gpu_seconds: float = Field(
+        description="Expected GPU seconds of the user's unfinished jobs, held against the quota"
+    )
+    budget_gpu_seconds: float | None = Field(description="The tier's quota (null: none)")
+    remaining_gpu_seconds: float | None = Field(
+        description="What a new job may still use (null: no quota)"
+    )

@@ -21,6 +21,7 @@ from ourvidz_serve.jobs.protocol import (
     JobStatus,
 )
 from ourvidz_serve.jobs.references import ReferenceService
+from ourvidz_serve.jobs.scheduling import QueueService, SchedulingPolicy, tier_of
 from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRecord, JobRepository
 from ourvidz_serve.security.prompt_policy import PromptPolicy
@@ -46,8 +47,12 @@ class JobService:
         queued_jobs_retry_after_s: float = 15.0,
         metrics: Metrics = NO_METRICS,
         callbacks: bool = False,  # a callback URL is configured: every job submitted owes one
+        scheduling: SchedulingPolicy | None = None,
+        queues: QueueService | None = None,
     ) -> None:
         self._repository = repository
+        self._queues = queues
+        self._scheduling = scheduling or SchedulingPolicy()
         self._callbacks = callbacks
         self._metrics = metrics
         self._storage = storage
@@ -67,6 +72,7 @@ class JobService:
         cheap checks come before the reference URL is fetched.
         """
         user_id = principal.acting_for(request.user_id)
+        tier = tier_of(principal, request.tier)
         if (
             idempotency_key is not None
             and not 0 < len(idempotency_key) <= MAX_IDEMPOTENCY_KEY_CHARS
@@ -82,12 +88,17 @@ class JobService:
         elif request.reference_image_url is not None:
             stored = await self._references.fetch(request.reference_image_url, user_id)
             request = request.model_copy(update={"reference_image_key": stored.key})
-        plan = plan_job(request, user_id, idempotency_key=idempotency_key)
+        plan = plan_job(request, user_id, idempotency_key=idempotency_key, tier=tier)
         job, created = await self._repository.insert_job(
             plan,
             max_queued=self._max_queued_jobs,
             retry_after_s=self._queued_jobs_retry_after_s,
             owes_callback=self._callbacks,
+            weight=self._scheduling.weight(tier),
+            # A user's quota is their own tier's, even for a job they lowered to bulk.
+            quota=self._scheduling.quota(
+                tier_of(principal, None) if not principal.is_service else tier
+            ),
         )
         if created:
             self._metrics.job_submitted(job.job_type)
@@ -101,9 +112,13 @@ class JobService:
         return job
 
     async def get(self, job_id: UUID, principal: Principal) -> JobResource:
-        resource = await self.to_resource(await self._visible(job_id, principal))
+        job = await self._visible(job_id, principal)
+        resource = await self.to_resource(job)
         deliveries = await self._repository.callback_deliveries(job_id)
         resource.callbacks = [CallbackDelivery.model_validate(row) for row in deliveries]
+        estimate = await self._queues.estimate(job) if self._queues is not None else None
+        if estimate is not None:
+            resource.queue_position, resource.estimated_start_at = estimate
         return resource
 
     async def cancel(self, job_id: UUID, principal: Principal) -> JobResource:
@@ -193,7 +208,10 @@ class JobService:
         return JobList(jobs=list(resources), next_cursor=next_cursor)
 
     async def to_resource(self, job: JobRecord) -> JobResource:
-        assets = await asyncio.gather(*(self._asset_resource(asset) for asset in job.assets))
+        expired = job.expired_at is not None
+        assets = await asyncio.gather(
+            *(self._asset_resource(asset, expired) for asset in job.assets)
+        )
         return JobResource(
             id=job.id,
             user_id=job.user_id,
@@ -213,12 +231,16 @@ class JobService:
             completed_at=job.completed_at,
             error_message=job.error_message,
             progress=job.progress,
+            expired_at=job.expired_at,
+            tier=job.tier,
             assets=list(assets),
         )
 
-    async def _asset_resource(self, asset: AssetRecord) -> AssetResource:
+    async def _asset_resource(self, asset: AssetRecord, expired: bool = False) -> AssetResource:
+        """The asset with signed URLs once completed; none once its job expired (the files
+        are deleted)."""
         url = thumbnail_url = None
-        if asset.status is JobStatus.COMPLETED:
+        if asset.status is JobStatus.COMPLETED and not expired:
             url = await self._storage.signed_url(asset.bucket, asset.path)
             if asset.metadata.get("thumbnail_path"):
                 thumbnail = str(asset.metadata["thumbnail_path"])

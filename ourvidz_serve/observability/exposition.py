@@ -21,8 +21,29 @@ from ourvidz_serve.observability.metrics import (
     FAMILIES,
     JOBS_LAST_HOUR,
     QUEUE_LENGTH,
+    QUEUE_TIER_BACKLOG,
+    QUEUE_TIER_JOBS,
+    QUEUE_TIER_OLDEST_WAIT,
     Family,
 )
+
+
+class TierFigures(Protocol):
+    """One queue and tier's figures (``persistence.repository.TierQueueFigures``)."""
+
+    @property
+    def queue(self) -> str: ...
+    @property
+    def tier(self) -> str: ...
+    @property
+    def queued(self) -> int: ...
+    @property
+    def running(self) -> int: ...
+    @property
+    def backlog_s(self) -> float: ...
+    @property
+    def oldest_wait_s(self) -> float | None: ...
+
 
 RAY_PREFIX = "ray_"
 OWN_PREFIX = "ourvidz_"
@@ -68,9 +89,33 @@ def _gauge(family: Family, samples: Iterable[tuple[Mapping[str, str], float]]) -
 def scraped_families(
     queue_lengths: Mapping[str, int] | None,
     jobs_last_hour: Sequence[tuple[str, str, int]] | None,
+    tiers: Sequence[TierFigures] | None = None,
 ) -> list[Metric]:
     """The families read from PostgreSQL at scrape time (None: the read failed, left out)."""
     families = []
+    if tiers is not None:
+        families += [
+            _gauge(
+                QUEUE_TIER_JOBS,
+                (
+                    ({"queue": t.queue, "tier": t.tier, "state": state}, float(count))
+                    for t in tiers
+                    for state, count in (("queued", t.queued), ("running", t.running))
+                ),
+            ),
+            _gauge(
+                QUEUE_TIER_BACKLOG,
+                (({"queue": t.queue, "tier": t.tier}, t.backlog_s) for t in tiers),
+            ),
+            _gauge(
+                QUEUE_TIER_OLDEST_WAIT,
+                (
+                    ({"queue": t.queue, "tier": t.tier}, t.oldest_wait_s)
+                    for t in tiers
+                    if t.oldest_wait_s is not None
+                ),
+            ),
+        ]
     if queue_lengths is not None:
         families.append(
             _gauge(QUEUE_LENGTH, (({"queue": q}, float(n)) for q, n in queue_lengths.items()))

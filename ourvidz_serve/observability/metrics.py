@@ -121,6 +121,31 @@ ERROR_RATE = Family(
     ("job_type",),
 )
 
+QUEUE_TIER_JOBS = Family(
+    "ourvidz_queue_tier_jobs",
+    Kind.GAUGE,
+    "Jobs queued and running per queue and tier (state: queued, running; PostgreSQL, at scrape)",
+    ("queue", "tier", "state"),
+)
+QUEUE_TIER_BACKLOG = Family(
+    "ourvidz_queue_tier_backlog_gpu_seconds",
+    Kind.GAUGE,
+    "Expected GPU seconds of the queued jobs, per queue and tier (at scrape time)",
+    ("queue", "tier"),
+)
+QUEUE_TIER_OLDEST_WAIT = Family(
+    "ourvidz_queue_tier_oldest_wait_seconds",
+    Kind.GAUGE,
+    "How long the oldest queued job of each queue and tier has waited (at scrape time)",
+    ("queue", "tier"),
+)
+GPU_SECONDS_CHARGED = Family(
+    "ourvidz_gpu_seconds_charged",
+    Kind.COUNTER,
+    "GPU seconds charged to users (measured time times the GPU share), by queue and tier",
+    ("queue", "tier"),
+)
+
 RECORDED: tuple[Family, ...] = (
     JOBS_SUBMITTED,
     JOBS_FINISHED,
@@ -131,11 +156,19 @@ RECORDED: tuple[Family, ...] = (
     GPU_MEMORY_USED,
     GPU_MEMORY_TOTAL,
     CALLBACK_DELIVERIES,
+    GPU_SECONDS_CHARGED,
 )
 """Recorded by the processes as things happen."""
-SCRAPED: tuple[Family, ...] = (QUEUE_LENGTH, JOBS_LAST_HOUR, ERROR_RATE)
+SCRAPED: tuple[Family, ...] = (
+    QUEUE_LENGTH,
+    JOBS_LAST_HOUR,
+    ERROR_RATE,
+    QUEUE_TIER_JOBS,
+    QUEUE_TIER_BACKLOG,
+    QUEUE_TIER_OLDEST_WAIT,
+)
 """Computed by the ingress when ``/metrics`` is read (``enhance`` queue length is recorded)."""
-FAMILIES: tuple[Family, ...] = (*RECORDED, QUEUE_LENGTH, JOBS_LAST_HOUR, ERROR_RATE)
+FAMILIES: tuple[Family, ...] = (*RECORDED, *SCRAPED)
 
 
 class Instrument(Protocol):
@@ -188,6 +221,10 @@ class Metrics:
     def gpu_memory(self, deployment: str, replica: str, used: int, total: int) -> None:
         self._record(GPU_MEMORY_USED, used, deployment=deployment, replica=replica)
         self._record(GPU_MEMORY_TOTAL, total, deployment=deployment, replica=replica)
+
+    def gpu_seconds_charged(self, queue: str, tier: str, seconds: float) -> None:
+        if seconds > 0:
+            self._record(GPU_SECONDS_CHARGED, seconds, queue=queue, tier=tier)
 
     def enhance_queue(self, waiting: int) -> None:
         self._record(QUEUE_LENGTH, waiting, queue="enhance")

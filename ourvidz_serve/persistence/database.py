@@ -44,6 +44,16 @@ def direct_dsn(settings: Settings) -> str | None:
     return (settings.database_direct_url or settings.database_url).get_secret_value()
 
 
+async def _keep_session(connection: asyncpg.Connection) -> None:
+    """The pool's reset on release, which asyncpg defaults to a round trip of
+    ``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`` after every use: a commit
+    more per statement, about a tenth of the queue's capacity (``benchmarks/queue_cost.py``).
+    Nothing here leaves session state on a pooled connection (no session ``SET``, advisory
+    locks only transaction-scoped, LISTEN removed before release), and behind a
+    transaction-mode pooler there is no session to reset anyway. asyncpg still rolls back an
+    open transaction and drops the connection's listeners before calling this."""
+
+
 async def _init_connection(connection: asyncpg.Connection) -> None:
     for type_name in ("jsonb", "json"):
         await connection.set_type_codec(
@@ -101,6 +111,7 @@ async def open_database(
             min_size=settings.db_pool_min_size,
             max_size=settings.db_pool_max_size,
             init=_init_connection,
+            reset=_keep_session,
             command_timeout=settings.db_command_timeout_s,
             # A configured DSN may be a transaction-mode pooler, where a prepared statement
             # named on one server connection is missing on the next (asyncpg's FAQ). The

@@ -16,14 +16,22 @@ from uuid import UUID
 import asyncpg
 from pydantic import SecretStr
 
+from ourvidz_serve.catalog import Tier
 from ourvidz_serve.domain import AssetKind, JobPlan, JobStatus
 from ourvidz_serve.errors import (
     Conflict,
     DatabaseUnavailable,
     InvalidRequest,
+    QuotaExhausted,
     TooManyQueuedJobs,
 )
 from ourvidz_serve.persistence.queries import load_queries
+from ourvidz_serve.persistence.retention import (
+    CancelledJob,
+    DeletedUserRows,
+    FinishedJobFiles,
+    PurgeFiles,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,11 +117,51 @@ class JobRecord:
     error_message: str | None
     progress: dict[str, Any] | None
     """The latest ``{step, total, at}`` its worker recorded while it ran."""
+    tier: Tier
+    cost_s: float
+    """Expected GPU seconds (fair order advances by it; a quota reserves it until the end)."""
+    virtual_start: float
+    """Its place in the queue's fair order: claims take the smallest."""
+    expired_at: datetime | None
+    """When retention deleted its files (downloads then answer 410)."""
     assets: list[AssetRecord]
 
     @property
     def prompt(self) -> str:
         return str(self.metadata["prompt"])
+
+
+@dataclass(frozen=True)
+class TierQueueFigures:
+    queue: str
+    tier: Tier
+    queued: int
+    running: int
+    backlog_s: float
+    """Expected GPU seconds of the queued jobs."""
+    oldest_wait_s: float | None
+    """How long the oldest queued job has waited (None: none queued)."""
+
+
+@dataclass(frozen=True)
+class GpuQuota:
+    budget_s: float
+    """GPU seconds a user may spend per window (``inf``: no quota, usage still counted)."""
+    window_s: float
+
+
+@dataclass(frozen=True)
+class GpuUsage:
+    spent_s: float
+    """Charged in the rolling window: measured time times the deployment's GPU share."""
+    reserved_s: float
+    """The expected cost of the user's unfinished jobs."""
+    budget_s: float
+    window_s: float
+
+    @property
+    def remaining_s(self) -> float:
+        return max(self.budget_s - self.spent_s - self.reserved_s, 0.0)
 
 
 @dataclass(frozen=True)
@@ -151,7 +199,8 @@ class ReapedJob:
 _JOB_COLUMNS = """
     id, user_id, job_type, format, quality, model_type, queue, status, metadata, project_id,
     video_id, image_id, attempts, claimed_by, lease_expires_at, units, request_hash,
-    created_at, started_at, completed_at, error_message, progress
+    created_at, started_at, completed_at, error_message, progress, tier, cost_s, virtual_start,
+    expired_at
 """
 
 _JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
@@ -259,6 +308,8 @@ class JobRepository:
         max_queued: int = 0,
         retry_after_s: float = 15.0,
         owes_callback: bool = False,
+        weight: float = 1.0,
+        quota: GpuQuota | None = None,
     ) -> tuple[JobRecord, bool]:
         """Insert the job and all its asset rows in one transaction and wake the workers.
 
@@ -274,15 +325,21 @@ class JobRepository:
 
         ``owes_callback``: a callback URL is configured, so the job's end writes a delivery
         row (migration 0007's trigger), whichever connection ends it.
+
+        ``weight``: the tier's weight in fair order. ``quota``: the user's GPU-time budget;
+        ``QuotaExhausted`` when what the window charged, plus what the user's unfinished jobs
+        reserve, plus this job's cost exceeds it. Checked under the same per-user lock as the
+        cap, so concurrent submissions cannot overspend it.
         """
         spec = plan.spec
         async with self._connection() as connection, connection.transaction():
-            if max_queued > 0:
+            if max_queued > 0 or quota is not None:
                 await connection.execute(QUERIES["lock_user_submissions"], plan.user_id)
                 if plan.idempotency_key is not None:
                     replay = await self._idempotent_replay(connection, plan)
                     if replay is not None:
                         return replay, False
+            if max_queued > 0:
                 queued = await connection.fetchval(
                     QUERIES["queued_jobs_of_user"], plan.user_id, max_queued
                 )
@@ -292,21 +349,10 @@ class JobRepository:
                         retry_after_s=retry_after_s,
                         details={"max_queued_jobs": max_queued},
                     )
+            if quota is not None:
+                await self._check_quota(connection, plan.user_id, plan.cost_s, quota)
             job_row = await connection.fetchrow(
-                f"""
-                WITH inserted AS (
-                    INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue,
-                                      metadata, project_id, video_id, image_id,
-                                      idempotency_key, request_hash, batch_key, units,
-                                      owes_callback)
-                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16,
-                            $17)
-                    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
-                    DO NOTHING
-                    RETURNING {_JOB_COLUMNS}
-                )
-                SELECT inserted.*, pg_notify($14, inserted.queue) FROM inserted
-                """,
+                QUERIES["insert_job"],
                 plan.job_id,
                 plan.user_id,
                 spec.job_type,
@@ -324,6 +370,9 @@ class JobRepository:
                 plan.batch_key,
                 plan.units,
                 owes_callback,
+                plan.tier.value,
+                plan.cost_s,
+                weight,
             )
             if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
@@ -353,6 +402,47 @@ class JobRepository:
             )
         assets = sorted((_asset_record(row) for row in asset_rows), key=lambda a: a.index)
         return _job_record(job_row, assets), True
+
+    async def _check_quota(
+        self, connection: asyncpg.Connection, user_id: UUID, cost_s: float, quota: GpuQuota
+    ) -> None:
+        usage = await self._usage(connection, user_id, quota)
+        if usage.spent_s + usage.reserved_s + cost_s <= quota.budget_s:
+            return
+        # Retry once enough charges have left the window; if the unfinished jobs alone are too
+        # much, once they have been charged and left it too.
+        excess = usage.spent_s + usage.reserved_s + cost_s - quota.budget_s
+        wait = await connection.fetchval(QUERIES["quota_frees_in"], user_id, quota.window_s, excess)
+        retry_after = quota.window_s if wait is None else max(float(wait), 1.0)
+        raise QuotaExhausted(
+            f"the user's GPU-time quota is exhausted: {usage.spent_s:.1f} s spent and "
+            f"{usage.reserved_s:.1f} s reserved by unfinished jobs of {quota.budget_s:g} s per "
+            f"{quota.window_s:g} s; this job needs about {cost_s:g} s",
+            retry_after_s=retry_after,
+            details={
+                "budget_gpu_seconds": quota.budget_s,
+                "spent_gpu_seconds": round(usage.spent_s, 3),
+                "reserved_gpu_seconds": round(usage.reserved_s, 3),
+                "job_gpu_seconds": cost_s,
+                "window_s": quota.window_s,
+            },
+        )
+
+    async def _usage(
+        self, connection: asyncpg.Connection, user_id: UUID, quota: GpuQuota
+    ) -> GpuUsage:
+        row = await connection.fetchrow(QUERIES["gpu_usage_of_user"], user_id, quota.window_s)
+        return GpuUsage(
+            spent_s=float(row["spent"]),
+            reserved_s=float(row["reserved"]),
+            budget_s=quota.budget_s,
+            window_s=quota.window_s,
+        )
+
+    async def gpu_usage(self, user_id: UUID, quota: GpuQuota) -> GpuUsage:
+        """What the user spent in the window and what their unfinished jobs reserve."""
+        async with self._connection() as connection:
+            return await self._usage(connection, user_id, quota)
 
     async def _existing_idempotent_job(
         self, connection: asyncpg.Connection, plan: JobPlan
@@ -469,8 +559,10 @@ class JobRepository:
         attempt: int,
         metadata_patch: dict[str, Any],
         assets: list[AssetCompletion],
+        gpu_seconds: float = 0.0,
     ) -> bool:
-        """Mark the job and every asset row completed; rows are updated, never inserted.
+        """Mark the job and every asset row completed (rows are updated, never inserted) and
+        charge ``gpu_seconds`` to its user.
 
         Fenced: False (and nothing changed) unless the job is still ``processing`` in this
         attempt. Raises ``JobStateError`` (and changes nothing) when an asset has no row.
@@ -484,6 +576,7 @@ class JobRepository:
                 [asset.index for asset in assets],
                 [asset.path for asset in assets],
                 [asset.metadata for asset in assets],
+                float(gpu_seconds),
             )
             if completed:
                 return True
@@ -508,8 +601,10 @@ class JobRepository:
         error_message: str,
         error_type: str,
         metadata: dict[str, Any],
+        gpu_seconds: float = 0.0,
     ) -> bool:
-        """Mark the job and its asset rows failed; fenced like ``complete_job``."""
+        """Mark the job and its asset rows failed and charge the ``gpu_seconds`` its attempt
+        ran; fenced like ``complete_job``."""
         async with self._connection() as connection:
             failed = await connection.fetchval(
                 QUERIES["fail_job"],
@@ -518,6 +613,7 @@ class JobRepository:
                 error_message,
                 metadata | {"error_type": error_type},
                 {"error_type": error_type, "error_message": error_message},
+                float(gpu_seconds),
             )
         return bool(failed)
 
@@ -546,6 +642,34 @@ class JobRepository:
         async with self._connection() as connection:
             return int(await connection.fetchval(QUERIES["queued_units"], queue, max_jobs))
 
+    async def queue_overview(
+        self, queues: Sequence[str], cap: int = 100_000, timeout_s: float = 2.0
+    ) -> list[TierQueueFigures]:
+        """Per queue and tier: queued and running jobs, backlog and oldest wait (capped)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                QUERIES["queue_overview"], list(queues), cap, timeout=timeout_s
+            )
+        return [
+            TierQueueFigures(
+                queue=row["queue"],
+                tier=Tier(row["tier"]),
+                queued=int(row["queued"]),
+                running=int(row["running"]),
+                backlog_s=float(row["backlog_s"]),
+                oldest_wait_s=row["oldest_wait_s"],
+            )
+            for row in rows
+        ]
+
+    async def queue_position(self, job: JobRecord, cap: int = 10_000) -> tuple[int, float]:
+        """``(jobs ahead, their expected GPU seconds)`` of a queued job in fair order."""
+        async with self._connection() as connection:
+            row = await connection.fetchrow(
+                QUERIES["queue_position"], job.queue, job.virtual_start, job.id, cap
+            )
+        return int(row["ahead"]), float(row["ahead_s"])
+
     async def queue_lengths(
         self, queues: Sequence[str], cap: int = 100_000, timeout_s: float = 2.0
     ) -> dict[str, int]:
@@ -573,14 +697,15 @@ class JobRepository:
         return None if row["was"] is None else JobStatus(row["was"])
 
     async def record_cancelled_stop(
-        self, job_id: UUID, attempt: int, patch: dict[str, Any]
+        self, job_id: UUID, attempt: int, patch: dict[str, Any], gpu_seconds: float = 0.0
     ) -> bool:
-        """Merge where a cancelled attempt's call stopped into the cancelled job's metadata."""
+        """Merge where a cancelled attempt's call stopped into the cancelled job's metadata and
+        charge the ``gpu_seconds`` it ran."""
         async with self._connection() as connection:
-            status = await connection.execute(
-                QUERIES["record_cancelled_stop"], job_id, attempt, patch
+            recorded = await connection.fetchval(
+                QUERIES["record_cancelled_stop"], job_id, attempt, patch, float(gpu_seconds)
             )
-        return status == "UPDATE 1"
+        return bool(recorded)
 
     async def record_progress(self, progress: dict[tuple[UUID, int], tuple[int, int]]) -> None:
         """``{(job id, attempt): (step, total)}`` as each job's latest progress (fenced)."""
@@ -640,6 +765,104 @@ class JobRepository:
             await connection.execute(
                 QUERIES["publish_asset_stored"], job_id, attempt, index, bucket, path
             )
+
+    # --- Retention and per-user data deletion (schemas/queries/retention.sql) ---
+
+    async def expire_jobs(self, retention_s: float, limit: int, purge: PurgeFiles) -> list[UUID]:
+        """Lock up to ``limit`` finished jobs that ended more than ``retention_s`` ago and are
+        not expired yet (SKIP LOCKED: sweepers in other replicas take other jobs), call
+        ``purge`` with them while they stay locked, and set ``expired_at`` on the jobs it
+        returns. Returns those ids. A purge that raises marks nothing (and its jobs come back
+        in a later batch: deleting files again is harmless)."""
+        async with self._connection() as connection, connection.transaction():
+            rows = await connection.fetch(
+                QUERIES["lock_expiring_jobs"], float(retention_s), int(limit)
+            )
+            if not rows:
+                return []
+            purged = await purge(await self._files_of_jobs(connection, rows))
+            if not purged:
+                return []
+            marked = await connection.fetch(QUERIES["mark_jobs_expired"], list(purged))
+        return [row["id"] for row in marked]
+
+    async def jobs_with_possible_orphans(
+        self, ended_s_ago: float, window_s: float, limit: int
+    ) -> list[FinishedJobFiles]:
+        """Finished, unexpired jobs that ended between ``ended_s_ago`` and ``ended_s_ago +
+        window_s`` ago and may hold files no row names (claimed more than once, or not
+        completed), with the keys their rows name."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                QUERIES["jobs_with_possible_orphans"],
+                float(ended_s_ago),
+                float(window_s),
+                int(limit),
+            )
+            return await self._files_of_jobs(connection, rows) if rows else []
+
+    async def _files_of_jobs(
+        self, connection: asyncpg.Connection, jobs: Sequence[asyncpg.Record]
+    ) -> list[FinishedJobFiles]:
+        recorded: dict[UUID, set[str]] = {job["id"]: set() for job in jobs}
+        named: dict[UUID, set[str]] = {job["id"]: set() for job in jobs}
+        buckets: dict[UUID, str] = {}
+        for row in await connection.fetch(QUERIES["files_of_jobs"], list(recorded)):
+            job_id = row["job_id"]
+            if row["bucket"]:
+                buckets[job_id] = row["bucket"]
+            served = {row["recorded"], row["recorded_poster"]} - {None}
+            recorded[job_id] |= served
+            named[job_id] |= served | ({row["stored_path"], row["thumbnail_path"]} - {None})
+        return [
+            FinishedJobFiles(
+                id=job["id"],
+                user_id=job["user_id"],
+                job_type=job["job_type"],
+                status=JobStatus(job["status"]),
+                bucket=buckets.get(job["id"]),
+                recorded=frozenset(recorded[job["id"]]),
+                named=frozenset(named[job["id"]]),
+            )
+            for job in jobs
+        ]
+
+    async def expired_job(self, job_id: UUID, user_id: UUID) -> tuple[str, datetime] | None:
+        """``(job_type, expired_at)`` of the user's job if retention expired it, else None."""
+        async with self._connection() as connection:
+            row = await connection.fetchrow(QUERIES["expired_job"], job_id, user_id)
+        return None if row is None else (row["job_type"], row["expired_at"])
+
+    async def cancel_user_jobs(self, user_id: UUID) -> list[CancelledJob]:
+        """End every queued or running job of the user ``cancelled`` (as ``cancel_job``: the
+        workers running them are told, and their outcomes are fenced out)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["cancel_user_jobs"], user_id)
+        return [CancelledJob(row["id"], row["job_type"], JobStatus(row["was"])) for row in rows]
+
+    async def delete_user_rows(
+        self, user_id: UUID, queues: Sequence[str], batch: int = 500
+    ) -> DeletedUserRows:
+        """Delete the user's jobs (their asset and callback rows by cascade), a bounded batch
+        per transaction, then their fair-order, GPU-usage and rate-limit rows. ``queues``:
+        every queue name (the fair-order rows are found by primary key). Idempotent."""
+        deleted = 0
+        while True:
+            async with self._connection() as connection:
+                rows = await connection.fetch(QUERIES["delete_user_jobs"], user_id, int(batch))
+            deleted += len(rows)
+            if len(rows) < batch:
+                break
+        async with self._connection() as connection:
+            counts = await connection.fetchrow(
+                QUERIES["delete_user_records"], user_id, list(queues)
+            )
+        return DeletedUserRows(
+            jobs=deleted,
+            fair_shares=int(counts["fair_shares"]),
+            gpu_usage=int(counts["gpu_usage"]),
+            rate_limits=int(counts["rate_limits"]),
+        )
 
     async def listen(
         self,
@@ -798,4 +1021,5 @@ def _claimed_assets(row: asyncpg.Record) -> list[AssetRecord]:
 def _job_record(row: asyncpg.Record, assets: list[AssetRecord]) -> JobRecord:
     values = {key: row[key] for key in _JOB_FIELDS}
     values["status"] = JobStatus(values["status"])
+    values["tier"] = Tier(values["tier"])
     return JobRecord(**values, assets=assets)

@@ -32,6 +32,7 @@ __all__ = [
     "poster_key",
     "resolve_ttl",
     "validate_location",
+    "validate_prefix",
 ]
 
 REFERENCE_IMAGES_BUCKET = "reference_images"
@@ -74,6 +75,12 @@ class Storage(Protocol):
         """Remove the object; deleting one that does not exist is not an error."""
         ...
 
+    async def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """Every key of the bucket that starts with ``prefix`` (plain string prefix: ``u/j``
+        matches ``u/j_0.png``; ``u/`` everything under ``u``), sorted. Objects still being
+        written are not listed. ``InvalidRequest`` for a bad bucket or prefix."""
+        ...
+
     async def signed_url(self, bucket: str, key: str, expires_in_s: int | None = None) -> str:
         """A URL that downloads the object without other credentials until it expires."""
         ...
@@ -113,6 +120,12 @@ def validate_location(bucket: str, key: str) -> None:
             raise bad("empty, '.' or '..' path segment")
         if len(segment.encode("utf-8")) > MAX_SEGMENT_BYTES:
             raise bad(f"path segment longer than {MAX_SEGMENT_BYTES} bytes")
+
+
+def validate_prefix(bucket: str, prefix: str) -> None:
+    """Raise ``InvalidRequest`` unless ``bucket`` is a logical bucket and ``prefix`` the start
+    of a safe key (empty: the whole bucket; a trailing ``/`` is allowed)."""
+    validate_location(bucket, prefix.removesuffix("/") or "k")
 
 
 def resolve_ttl(expires_in_s: int | None, default_s: int, max_s: int | None = None) -> int:

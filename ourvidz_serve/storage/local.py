@@ -19,7 +19,12 @@ from pathlib import Path
 from urllib.parse import quote, urlencode
 
 from ourvidz_serve.errors import Forbidden, ObjectNotFound, StorageError
-from ourvidz_serve.storage import LOGICAL_BUCKETS, resolve_ttl, validate_location
+from ourvidz_serve.storage import (
+    LOGICAL_BUCKETS,
+    resolve_ttl,
+    validate_location,
+    validate_prefix,
+)
 
 _TEMP_PREFIX = ".tmp-"
 
@@ -108,6 +113,31 @@ class LocalStorage:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         except OSError as exc:
             raise StorageError(f"cannot delete {bucket}/{key}: {exc}") from exc
+
+    async def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        validate_prefix(bucket, prefix)
+        try:
+            return await asyncio.to_thread(self._list_keys, bucket, prefix)
+        except OSError as exc:
+            raise StorageError(f"cannot list {bucket}/{prefix}: {exc}") from exc
+
+    def _list_keys(self, bucket: str, prefix: str) -> list[str]:
+        bucket_dir = self.root / bucket
+        # Walk only the deepest directory the prefix names: "u/j" walks "u", "u/" walks "u".
+        directory, _, _ = prefix.rpartition("/")
+        top = bucket_dir / directory if directory else bucket_dir
+        if not top.is_dir():
+            return []
+        keys = []
+        for dirpath, _dirnames, filenames in os.walk(top):
+            relative = Path(dirpath).relative_to(bucket_dir).as_posix()
+            for name in filenames:
+                if name.startswith(_TEMP_PREFIX):  # an atomic write in progress
+                    continue
+                key = name if relative == "." else f"{relative}/{name}"
+                if key.startswith(prefix):
+                    keys.append(key)
+        return sorted(keys)
 
     async def open_for_download(self, bucket: str, key: str) -> Path:
         """The file to stream for a (signature-checked) download; ``ObjectNotFound`` if absent."""

@@ -32,7 +32,12 @@ from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
 from ourvidz_serve.errors import ObjectNotFound, StorageError
-from ourvidz_serve.storage import LOGICAL_BUCKETS, resolve_ttl, validate_location
+from ourvidz_serve.storage import (
+    LOGICAL_BUCKETS,
+    resolve_ttl,
+    validate_location,
+    validate_prefix,
+)
 
 MAX_PRESIGN_TTL_S = 7 * 24 * 3600
 """SigV4 presigned URLs cannot live longer than a week."""
@@ -160,6 +165,23 @@ class S3Storage:
         real_bucket, real_key = self._locate(bucket, key)
         with _translate_errors("delete", real_bucket, real_key):
             await client.delete_object(Bucket=real_bucket, Key=real_key)
+
+    async def list_keys(self, bucket: str, prefix: str) -> list[str]:
+        """``ListObjectsV2`` under the real prefix, page by page; logical keys come back."""
+        client = self._require_client()
+        validate_prefix(bucket, prefix)
+        real_bucket, real_prefix = real_location(self._template, bucket, prefix)
+        strip = len(real_prefix) - len(prefix)  # the shared bucket's "{logical bucket}/"
+        keys: list[str] = []
+        params: dict[str, Any] = {"Bucket": real_bucket, "Prefix": real_prefix}
+        while True:
+            with _translate_errors("list", real_bucket, None):
+                page = await client.list_objects_v2(**params)
+            keys.extend(item["Key"][strip:] for item in page.get("Contents", ()))
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return sorted(keys)
+            params["ContinuationToken"] = token
 
     async def signed_url(self, bucket: str, key: str, expires_in_s: int | None = None) -> str:
         client = self._require_client()

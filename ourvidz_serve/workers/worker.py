@@ -83,6 +83,9 @@ class WorkerConfig:
     record_retry_s: float
     loop_restart_max_s: float = 5.0
     loop_stall_s: float = 60.0
+    gpu_share: float = 1.0
+    """The replica's share of a GPU: what one second of its pipeline calls costs in GPU
+    seconds (quotas charge measured time times it)."""
 
     @classmethod
     def for_queue(cls, settings: Settings, queue: Queue) -> WorkerConfig:
@@ -323,7 +326,7 @@ class QueueWorker:
                 results = [error] * len(jobs)
             await asyncio.gather(
                 *(
-                    self._finish(job, result, claimed_at)
+                    self._finish(job, result, claimed_at, units)
                     for job, result in zip(jobs, results, strict=True)
                 )
             )
@@ -339,7 +342,15 @@ class QueueWorker:
         self._cancelled.discard((job.id, job.attempts))
         self._denoised_at.pop(job.id, None)
 
-    async def _finish(self, job: JobRecord, result: JobResult, claimed_at: float) -> None:
+    def _gpu_seconds(self, job: JobRecord, seconds: float, call_units: int) -> float:
+        """What ``seconds`` of a pipeline call cost the job: its share of the call's units
+        times the replica's share of the GPU."""
+        return round(seconds * self._config.gpu_share * job.units / max(call_units, 1), 4)
+
+    async def _finish(
+        self, job: JobRecord, result: JobResult, claimed_at: float, call_units: int
+    ) -> None:
+        ran = self._gpu_seconds(job, time.monotonic() - claimed_at, call_units)
         try:
             if isinstance(result, Generated) and len(result.outputs) != len(job.assets):
                 result = RuntimeError(
@@ -350,14 +361,20 @@ class QueueWorker:
                 # stopped is left to record.
                 logger.info("job %s attempt %d stopped: %s", job.id, job.attempts, result)
                 if result.step is not None:
+                    # Charged for the steps that ran: a job cancelled before its call, none.
                     stop = {"stopped_at_step": result.step, "total_steps": result.total}
-                    await self._record(
-                        lambda: self._repository.record_cancelled_stop(job.id, job.attempts, stop)
-                    )
+                    if await self._record(
+                        lambda: self._repository.record_cancelled_stop(
+                            job.id, job.attempts, stop, ran
+                        )
+                    ):
+                        self._metrics.gpu_seconds_charged(job.queue, job.tier.value, ran)
             elif isinstance(result, Exception):
-                await self._record_failure(job, result, claimed_at, {})
+                await self._record_failure(job, result, claimed_at, {}, ran)
             elif await self._still_held(job):
-                await self._store_and_complete(job, result, claimed_at)
+                batch = int(result.metadata.get("pipeline_batch_images") or job.units)
+                charge = self._gpu_seconds(job, result.generation_time, batch)
+                await self._store_and_complete(job, result, claimed_at, charge)
         except Exception:
             logger.exception(
                 "the outcome of job %s attempt %d is not recorded; its lease will expire and "
@@ -385,7 +402,7 @@ class QueueWorker:
         return held
 
     async def _store_and_complete(
-        self, job: JobRecord, generated: Generated, claimed_at: float
+        self, job: JobRecord, generated: Generated, claimed_at: float, gpu_seconds: float
     ) -> None:
         stored: list[tuple[str, str]] = []
         """``(bucket, key)`` of every file this attempt put, to delete if it does not win."""
@@ -400,7 +417,7 @@ class QueueWorker:
             failure = error if isinstance(error, StorageError) else StorageError(str(error))
         if failure is not None:
             await self._delete_stored(job, stored, "its job failed to store a file")
-            await self._record_failure(job, failure, claimed_at, generated.metadata)
+            await self._record_failure(job, failure, claimed_at, generated.metadata, gpu_seconds)
             return
         generation_time = round(generated.generation_time, 4)
         completions = [
@@ -435,11 +452,14 @@ class QueueWorker:
             "batch_count": len(generated.outputs),
         }
         metadata |= _produced_size(job.metadata, first)
+        metadata["gpu_seconds"] = gpu_seconds
         expected = float(job.metadata.get("expected_generation_time") or 0)
         if expected > 0:
             metadata["performance_ratio"] = round(generated.generation_time / expected, 6)
         recorded = await self._record(
-            lambda: self._repository.complete_job(job.id, job.attempts, metadata, completions)
+            lambda: self._repository.complete_job(
+                job.id, job.attempts, metadata, completions, gpu_seconds
+            )
         )
         if not recorded and await self._completed_by_this_attempt(job):
             recorded = True  # an earlier try of the write committed, its answer was lost
@@ -448,6 +468,7 @@ class QueueWorker:
             self._metrics.job_finished(
                 job.job_type, "completed", generated.generation_time, expected or None
             )
+            self._metrics.gpu_seconds_charged(job.queue, job.tier.value, gpu_seconds)
         else:
             # Cancelled, or a newer attempt owns the job: its files are the only ones kept.
             await self._delete_stored(job, stored, "its completion was fenced out")
@@ -473,21 +494,27 @@ class QueueWorker:
             )
 
     async def _record_failure(
-        self, job: JobRecord, error: Exception, claimed_at: float, metadata: dict[str, Any]
+        self,
+        job: JobRecord,
+        error: Exception,
+        claimed_at: float,
+        metadata: dict[str, Any],
+        gpu_seconds: float,
     ) -> None:
         logger.error("job %s (%s) failed: %r", job.id, job.job_type, error)
         message = (error.message if isinstance(error, OurVidzError) else str(error)) or type(
             error
         ).__name__
-        patch = _timings(job, claimed_at) | metadata
+        patch = _timings(job, claimed_at) | metadata | {"gpu_seconds": gpu_seconds}
         recorded = await self._record(
             lambda: self._repository.fail_job(
-                job.id, job.attempts, message, type(error).__name__, patch
+                job.id, job.attempts, message, type(error).__name__, patch, gpu_seconds
             )
         )
         self._log_fenced(job, recorded, "failure")
         if recorded:
             self._metrics.job_finished(job.job_type, "failed")
+            self._metrics.gpu_seconds_charged(job.queue, job.tier.value, gpu_seconds)
 
     @staticmethod
     def _log_fenced(job: JobRecord, recorded: bool, what: str) -> None:

@@ -59,12 +59,21 @@ SELECT pg_notify('{events_channel}',
   FROM recorded
 
 -- name: record_cancelled_stop
--- Where the cancelled attempt's pipeline call stopped, kept in the job's metadata (fenced by
--- the attempt that ran: a re-run's job is never touched).
--- $1 job id, $2 attempt, $3 metadata patch.
-UPDATE jobs
-   SET metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
- WHERE id = $1 AND attempts = $2 AND status = 'cancelled'
+-- Where the cancelled attempt's pipeline call stopped, kept in the job's metadata, and the GPU
+-- seconds it ran charged (fenced by the attempt that ran: a re-run's job is never touched).
+-- Returns the number of jobs recorded. $1 job id, $2 attempt, $3 metadata patch,
+-- $4 GPU seconds to charge.
+WITH stopped AS (
+    UPDATE jobs
+       SET metadata = metadata || $3::jsonb, updated_at = clock_timestamp()
+     WHERE id = $1 AND attempts = $2 AND status = 'cancelled'
+    RETURNING id, user_id, queue, tier
+), charged AS (
+    INSERT INTO gpu_usage (job_id, attempt, user_id, queue, tier, gpu_seconds)
+    SELECT id, $2, user_id, queue, tier, $4::float8 FROM stopped WHERE $4::float8 > 0
+    ON CONFLICT (job_id, attempt) DO NOTHING
+)
+SELECT count(*) FROM stopped
 
 -- name: publish_asset_stored
 -- An SSE 'asset' event: one file of a running attempt is in storage (fenced by attempt).

@@ -31,3 +31,28 @@ SELECT pg_advisory_xact_lock(hashtextextended('ourvidz-submit:' || $1::uuid::tex
 -- name: queued_jobs_of_user
 -- $1 user id, $2 stop counting here (the cap).
 SELECT count(*) FROM (SELECT 1 FROM jobs WHERE user_id = $1 AND status = 'queued' LIMIT $2) AS q
+
+-- name: gpu_usage_of_user
+-- GPU seconds charged to a user in the rolling window (on gpu_usage_user_idx), and the expected
+-- cost of their unfinished jobs (on jobs_user_unfinished_idx), which a quota reserves.
+-- $1 user id, $2 window seconds.
+SELECT (SELECT coalesce(sum(gpu_seconds), 0)::float8
+          FROM gpu_usage
+         WHERE user_id = $1
+           AND charged_at > clock_timestamp() - make_interval(secs => $2)) AS spent,
+       (SELECT coalesce(sum(cost_s), 0)::float8
+          FROM jobs
+         WHERE user_id = $1 AND status IN ('queued', 'processing')) AS reserved
+
+-- name: quota_frees_in
+-- Seconds until the window's oldest charges add up to $3 GPU seconds and leave it (NULL: they
+-- never do; the unfinished jobs must end and leave the window first).
+-- $1 user id, $2 window seconds, $3 GPU seconds needed.
+SELECT extract(EPOCH FROM charged_at + make_interval(secs => $2) - clock_timestamp())::float8
+  FROM (SELECT charged_at, sum(gpu_seconds) OVER (ORDER BY charged_at, job_id, attempt) AS freed
+          FROM gpu_usage
+         WHERE user_id = $1
+           AND charged_at > clock_timestamp() - make_interval(secs => $2)) AS window_charges
+ WHERE freed >= $3
+ ORDER BY charged_at
+ LIMIT 1

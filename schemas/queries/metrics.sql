@@ -4,7 +4,7 @@
 
 -- name: queue_lengths
 -- Jobs waiting in each queue, each count capped at $2 (so its cost is bounded on
--- jobs_queued_idx however long the queue). $1 the queue names.
+-- jobs_fair_idx however long the queue). $1 the queue names.
 SELECT q.queue,
        (SELECT count(*)
           FROM (SELECT 1 FROM jobs j

@@ -12,30 +12,30 @@
 -- transaction of several round trips: the queue's capacity is mostly round trips.
 
 -- name: claim_jobs
--- The oldest queued job of a queue and the younger jobs that can share its pipeline call, in
--- order, while they fit in $2 free units. The oldest job must fit, so younger small jobs never
--- starve a big one.
+-- The first queued job of a queue in fair order (smallest virtual start; see migration 0008)
+-- and the later jobs that can share its pipeline call, in fair order, while they fit in $2 free
+-- units. The head must fit, so later small jobs never starve a big one.
 -- $1 queue, $2 free units, $3 worker id, $4 lease seconds.
 WITH head AS (
     SELECT id, batch_key, units
       FROM jobs
      WHERE status = 'queued' AND queue = $1
-     ORDER BY created_at, id
+     ORDER BY virtual_start, id
      LIMIT 1
        FOR UPDATE SKIP LOCKED
 ), candidates AS (
     -- The key as a scalar, not a join, so that it is an index condition on
-    -- jobs_queued_batch_idx: a rare key must not scan the whole queue.
-    SELECT jobs.id, jobs.created_at, jobs.units
+    -- jobs_fair_batch_idx: a rare key must not scan the whole queue.
+    SELECT jobs.id, jobs.virtual_start, jobs.units
       FROM jobs
      WHERE jobs.status = 'queued' AND jobs.queue = $1 AND jobs.units <= $2
        AND jobs.batch_key = (SELECT batch_key FROM head WHERE head.units <= $2)
-     ORDER BY jobs.created_at, jobs.id
+     ORDER BY jobs.virtual_start, jobs.id
      LIMIT $2
        FOR UPDATE OF jobs SKIP LOCKED
 ), chosen AS (
     SELECT id
-      FROM (SELECT id, sum(units) OVER (ORDER BY created_at, id) AS running_units
+      FROM (SELECT id, sum(units) OVER (ORDER BY virtual_start, id) AS running_units
               FROM candidates) AS fitted
      WHERE running_units <= $2
 ), claimed AS (
@@ -99,10 +99,11 @@ UPDATE jobs
 RETURNING jobs.id;
 
 -- name: complete_job
--- The job and every asset row, completed; nothing changes unless every asset has its row.
+-- The job and every asset row, completed, and the GPU seconds it used charged to its user;
+-- nothing changes unless every asset has its row.
 -- Returns the number of jobs completed: 0 when fenced out or an asset row is missing.
 -- $1 job id, $2 attempt, $3 job metadata patch, $4 asset indexes, $5 stored keys,
--- $6 asset metadata patches.
+-- $6 asset metadata patches, $7 GPU seconds to charge.
 WITH done AS (
     UPDATE jobs
        SET status = 'completed', metadata = metadata || $3::jsonb, lease_expires_at = NULL,
@@ -111,7 +112,11 @@ WITH done AS (
        AND cardinality($4::int[]) =
            (SELECT count(*) FROM images WHERE job_id = $1 AND image_index = ANY($4::int[]))
            + (SELECT count(*) FROM videos WHERE job_id = $1)
-    RETURNING id
+    RETURNING id, user_id, queue, tier
+), charged AS (
+    INSERT INTO gpu_usage (job_id, attempt, user_id, queue, tier, gpu_seconds)
+    SELECT id, $2, user_id, queue, tier, $7::float8 FROM done
+    ON CONFLICT (job_id, attempt) DO NOTHING
 ), image_rows AS (
     UPDATE images
        SET status = 'completed', image_url = finished.path,
@@ -136,15 +141,21 @@ SELECT count(*) FROM done;
 SELECT status, attempts FROM jobs WHERE id = $1;
 
 -- name: fail_job
--- The job and its asset rows, failed. Returns the number of jobs failed (0: fenced out).
--- $1 job id, $2 attempt, $3 error message, $4 job metadata patch, $5 asset metadata patch.
+-- The job and its asset rows, failed, and the GPU seconds its attempt used (only what ran)
+-- charged. Returns the number of jobs failed (0: fenced out).
+-- $1 job id, $2 attempt, $3 error message, $4 job metadata patch, $5 asset metadata patch,
+-- $6 GPU seconds to charge.
 WITH failed AS (
     UPDATE jobs
        SET status = 'failed', error_message = $3, metadata = metadata || $4::jsonb,
            lease_expires_at = NULL, completed_at = clock_timestamp(),
            updated_at = clock_timestamp()
      WHERE id = $1 AND attempts = $2 AND status = 'processing'
-    RETURNING id
+    RETURNING id, user_id, queue, tier
+), charged AS (
+    INSERT INTO gpu_usage (job_id, attempt, user_id, queue, tier, gpu_seconds)
+    SELECT id, $2, user_id, queue, tier, $6::float8 FROM failed WHERE $6::float8 > 0
+    ON CONFLICT (job_id, attempt) DO NOTHING
 ), image_rows AS (
     UPDATE images
        SET status = 'failed', metadata = images.metadata || $5::jsonb,
@@ -245,5 +256,53 @@ SELECT id, queue, status, attempts,
 SELECT coalesce(sum(units), 0)::bigint
   FROM (SELECT units FROM jobs
          WHERE status = 'queued' AND queue = $1
-         ORDER BY created_at, id
+         ORDER BY virtual_start, id
          LIMIT $2) AS head;
+
+-- name: insert_job
+-- The job row, in fair order, and a NOTIFY to wake the workers. Its virtual start is the later
+-- of the queue's virtual clock and its user's virtual finish, which then advances by the job's
+-- expected cost over its tier's weight (migration 0008). A replay of an idempotent submission
+-- inserts nothing and advances nothing. Returns no row for a replay.
+-- $1 id, $2 user id, $3 job type, $4 format, $5 quality, $6 model type, $7 queue, $8 metadata,
+-- $9 project id, $10 video id, $11 image id, $12 idempotency key, $13 request hash,
+-- $14 notify channel, $15 batch key, $16 units, $17 owes a callback, $18 tier,
+-- $19 expected cost (GPU seconds), $20 the tier's weight.
+WITH clock AS (
+    -- The smallest virtual start in service (the few processing rows, on
+    -- jobs_processing_idx: not a batch-mate far ahead in fair order that joined the head's
+    -- call); with none running, the queue's head (one index scan on
+    -- jobs_fair_idx); an idle queue's clock is the largest virtual finish, so nobody's
+    -- history counts after idling. A user with nothing queued thus joins level with the job
+    -- in service, ahead of the jobs queued behind it.
+    SELECT coalesce(
+        (SELECT min(virtual_start) FROM jobs WHERE status = 'processing' AND queue = $7),
+        (SELECT virtual_start FROM jobs WHERE status = 'queued' AND queue = $7
+          ORDER BY virtual_start, id LIMIT 1),
+        (SELECT virtual_finish FROM fair_shares WHERE queue = $7
+          ORDER BY virtual_finish DESC LIMIT 1),
+        0) AS now
+), share AS (
+    INSERT INTO fair_shares AS shares (queue, user_id, virtual_finish)
+    SELECT $7, $2, clock.now + $19::float8 / $20::float8
+      FROM clock
+     WHERE $12::text IS NULL
+        OR NOT EXISTS (SELECT 1 FROM jobs WHERE user_id = $2 AND idempotency_key = $12)
+    ON CONFLICT (queue, user_id) DO UPDATE
+       SET virtual_finish = greatest(shares.virtual_finish,
+                                     EXCLUDED.virtual_finish - $19::float8 / $20::float8)
+                            + $19::float8 / $20::float8,
+           updated_at = clock_timestamp()
+    RETURNING virtual_finish - $19::float8 / $20::float8 AS virtual_start
+), inserted AS (
+    INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue, metadata,
+                      project_id, video_id, image_id, idempotency_key, request_hash, batch_key,
+                      units, owes_callback, tier, cost_s, virtual_start)
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16, $17, $18, $19,
+           share.virtual_start
+      FROM share
+    ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
+    DO NOTHING
+    RETURNING {job_columns}
+)
+SELECT inserted.*, pg_notify($14, inserted.queue) FROM inserted;

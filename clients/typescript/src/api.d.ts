@@ -71,6 +71,8 @@ export interface paths {
         /**
          * Download File
          * @description A local-storage object behind an expiring signed URL (the URL is the credential).
+         *
+         *     A file that retention deleted answers 410 (``expired``); any other missing file 404.
          */
         get: operations["download_file_v1_files__bucket___key__get"];
         put?: never;
@@ -191,6 +193,32 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/users/{user_id}/data": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Delete User Data
+         * @description Cancel the user's queued and running jobs, then delete every job, asset row, callback
+         *     delivery, file (references included), fair-order, GPU-usage and rate-limit record of the
+         *     user. Service API keys only (a user token: 403).
+         *
+         *     A running job stops at its next denoising step and its worker deletes what it stored.
+         *     Idempotent: calling again answers 204 again; after a failure (e.g. 502 from storage),
+         *     calling again finishes the work.
+         */
+        delete: operations["delete_user_data_v1_users__user_id__data_delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/metrics": {
         parameters: {
             query?: never;
@@ -206,6 +234,48 @@ export interface paths {
          *     A database that does not answer within 2 s leaves its families out; the rest is served.
          */
         get: operations["metrics_metrics_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/queues": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Queues
+         * @description Per queue and tier: queued and running jobs, replicas, the oldest wait and the backlog
+         *     in expected GPU seconds (service key only).
+         */
+        get: operations["queues_v1_queues_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/usage": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Usage
+         * @description GPU seconds spent in the quota's rolling window, reserved by unfinished jobs, and what
+         *     remains of the tier's quota: a user's own, or any user's with a service key.
+         */
+        get: operations["usage_v1_usage_get"];
         put?: never;
         post?: never;
         delete?: never;
@@ -430,6 +500,8 @@ export interface components {
             metadata?: {
                 [key: string]: unknown;
             };
+            /** @description Service tier (fair share and quota): any with a service key; a user's token sets theirs (its 'tier' claim, else standard), which the body may only lower */
+            tier?: components["schemas"]["Tier"] | null;
         };
         /** JobResource */
         JobResource: {
@@ -476,6 +548,11 @@ export interface components {
             error_message: string | null;
             /** @description The latest denoising step its worker recorded while it ran */
             progress?: components["schemas"]["JobProgress"] | null;
+            /**
+             * Expired At
+             * @description When retention deleted its files: its assets then have no URLs and their downloads answer 410
+             */
+            expired_at?: string | null;
             /** Assets */
             assets: components["schemas"]["AssetResource"][];
             /**
@@ -483,6 +560,21 @@ export interface components {
              * @description Callback deliveries owed for this job and every attempt (GET only)
              */
             callbacks?: components["schemas"]["CallbackDelivery"][];
+            /**
+             * @description Its service tier: its weight in fair order
+             * @default standard
+             */
+            tier?: components["schemas"]["Tier"];
+            /**
+             * Queue Position
+             * @description A queued job's approximate place in its queue's fair order (0: next); counted up to a cap (GET only)
+             */
+            queue_position?: number | null;
+            /**
+             * Estimated Start At
+             * @description When a queued job is expected to start: the expected GPU time of the jobs ahead of it spread over the queue's replicas (GET only)
+             */
+            estimated_start_at?: string | null;
         };
         /**
          * JobStatus
@@ -541,6 +633,41 @@ export interface components {
          * @enum {string}
          */
         Quality: "fast" | "high";
+        /**
+         * Queue
+         * @enum {string}
+         */
+        Queue: "sdxl_queue" | "wan_queue";
+        /** QueueList */
+        QueueList: {
+            /** Queues */
+            queues: components["schemas"]["QueueStatus"][];
+        };
+        /**
+         * QueueStatus
+         * @description One queue as the service key sees it (``GET /v1/queues``).
+         */
+        QueueStatus: {
+            queue: components["schemas"]["Queue"];
+            /**
+             * Replicas
+             * @description Running replicas of the queue's deployment (null: Serve did not answer)
+             */
+            replicas: number | null;
+            /** Queued */
+            queued: number;
+            /** Running */
+            running: number;
+            /** Oldest Wait S */
+            oldest_wait_s: number | null;
+            /** Backlog Gpu Seconds */
+            backlog_gpu_seconds: number;
+            /**
+             * Tiers
+             * @description The same figures per tier
+             */
+            tiers: components["schemas"]["TierQueueStatus"][];
+        };
         /** ReferenceResource */
         ReferenceResource: {
             /** Key */
@@ -560,6 +687,70 @@ export interface components {
          * @enum {string}
          */
         ReferenceType: "style" | "composition" | "character";
+        /**
+         * Tier
+         * @description A job's service tier: its weight in fair order and its GPU-time quota.
+         * @enum {string}
+         */
+        Tier: "premium" | "standard" | "bulk";
+        /** TierQueueStatus */
+        TierQueueStatus: {
+            tier: components["schemas"]["Tier"];
+            /**
+             * Queued
+             * @description Jobs waiting (counted up to a cap)
+             */
+            queued: number;
+            /** Running */
+            running: number;
+            /**
+             * Oldest Wait S
+             * @description How long the oldest waiting job has waited
+             */
+            oldest_wait_s: number | null;
+            /**
+             * Backlog Gpu Seconds
+             * @description Expected GPU seconds of the waiting jobs
+             */
+            backlog_gpu_seconds: number;
+        };
+        /**
+         * UsageResource
+         * @description A user's GPU time in the quota's rolling window (``GET /v1/usage``).
+         */
+        UsageResource: {
+            /**
+             * User Id
+             * Format: uuid
+             */
+            user_id: string;
+            tier: components["schemas"]["Tier"];
+            /**
+             * Window S
+             * @description The rolling window GPU time is counted over
+             */
+            window_s: number;
+            /**
+             * Spent Gpu Seconds
+             * @description Charged in the window: measured generation time times the GPU share
+             */
+            spent_gpu_seconds: number;
+            /**
+             * Reserved Gpu Seconds
+             * @description Expected GPU seconds of the user's unfinished jobs, held against the quota
+             */
+            reserved_gpu_seconds: number;
+            /**
+             * Budget Gpu Seconds
+             * @description The tier's quota (null: none)
+             */
+            budget_gpu_seconds: number | null;
+            /**
+             * Remaining Gpu Seconds
+             * @description What a new job may still use (null: no quota)
+             */
+            remaining_gpu_seconds: number | null;
+        };
         /** ValidationError */
         ValidationError: {
             /** Location */
@@ -600,8 +791,14 @@ export type JobType = components['schemas']['JobType'];
 export type JobTypeResource = components['schemas']['JobTypeResource'];
 export type OutputFormat = components['schemas']['OutputFormat'];
 export type Quality = components['schemas']['Quality'];
+export type Queue = components['schemas']['Queue'];
+export type QueueList = components['schemas']['QueueList'];
+export type QueueStatus = components['schemas']['QueueStatus'];
 export type ReferenceResource = components['schemas']['ReferenceResource'];
 export type ReferenceType = components['schemas']['ReferenceType'];
+export type Tier = components['schemas']['Tier'];
+export type TierQueueStatus = components['schemas']['TierQueueStatus'];
+export type UsageResource = components['schemas']['UsageResource'];
 export type ValidationError = components['schemas']['ValidationError'];
 export type $defs = Record<string, never>;
 export interface operations {
@@ -665,7 +862,7 @@ export interface operations {
                     "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -723,7 +920,7 @@ export interface operations {
                     "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -780,6 +977,15 @@ export interface operations {
             };
             /** @description No such resource (or it belongs to another user) */
             404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The file was deleted: its job passed the retention period */
+            410: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -860,7 +1066,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -970,7 +1176,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -1041,7 +1247,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -1121,7 +1327,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -1193,7 +1399,7 @@ export interface operations {
                     "text/event-stream": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -1284,7 +1490,7 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
@@ -1366,11 +1572,89 @@ export interface operations {
                     "application/json": components["schemas"]["ErrorBody"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
                     "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_user_data_v1_users__user_id__data_delete: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                user_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Everything kept about the user is deleted (also when none was) */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The request is invalid; the message says why */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Object storage failed; the request can be retried */
+            502: {
+                headers: {
                     [name: string]: unknown;
                 };
                 content: {
@@ -1426,7 +1710,150 @@ export interface operations {
                     "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
-            /** @description Rate limit or queued-jobs cap reached; see the Retry-After header */
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    queues_v1_queues_get: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["QueueList"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    usage_v1_usage_get: {
+        parameters: {
+            query?: {
+                /** @description Whose usage (required with a service key) */
+                user_id?: string | null;
+                /** @description Whose quota applies: any with a service key; a user's is their own */
+                tier?: components["schemas"]["Tier"] | null;
+            };
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["UsageResource"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The request is invalid; the message says why */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
                     /** @description Seconds to wait before retrying */
