@@ -58,12 +58,33 @@ async def pool(database_url: str) -> AsyncIterator[asyncpg.Pool]:
         yield pool
 
 
+TABLES = (
+    "jobs",
+    "images",
+    "videos",
+    "rate_limits",
+    "callback_deliveries",
+    "fair_shares",
+    "gpu_usage",
+)
+SESSIONS_HOLDING_LOCKS = """
+SELECT pid, state, xact_start, wait_event, left(query, 200) AS query, pg_blocking_pids(pid)
+  FROM pg_stat_activity
+ WHERE datname = current_database() AND pid <> pg_backend_pid() AND state <> 'idle'
+"""
+
+
 @pytest.fixture
 async def repository(pool: asyncpg.Pool) -> JobRepository:
     """A repository over empty tables."""
-    await pool.execute(
-        "TRUNCATE jobs, images, videos, rate_limits, callback_deliveries, fair_shares, gpu_usage"
-    )
+    try:
+        await pool.execute(f"TRUNCATE {', '.join(TABLES)}", timeout=30)
+    except TimeoutError:
+        # Name whatever holds the tables (a test's leaked transaction) instead of a bare timeout.
+        sessions = await pool.fetch(SESSIONS_HOLDING_LOCKS)
+        raise AssertionError(
+            "TRUNCATE waited 30 s on a lock; other sessions: " + "; ".join(map(str, sessions))
+        ) from None
     return JobRepository(pool)
 
 

@@ -110,11 +110,20 @@ class QueueService:
         self._replicas = replicas
 
     async def _replica_counts(self) -> dict[str, int] | None:
+        """Per queue, the larger of Serve's running replicas and the replicas holding a
+        lease: a replica pulls work from the end of its constructor, while Serve may still
+        report it starting (and its count is cached for a few seconds)."""
         try:
-            return await self._replicas()
+            serving, working = await asyncio.gather(
+                self._replicas(), self._repository.replicas_at_work([q.value for q in Queue])
+            )
         except Exception:
             logger.warning("replica counts unavailable", exc_info=True)
             return None
+        return {
+            queue.value: max(serving.get(queue.value, 0), working.get(queue.value, 0))
+            for queue in Queue
+        }
 
     async def overview(self, principal: Principal) -> QueueList:
         if not principal.is_service:

@@ -89,16 +89,25 @@ class JobService:
             stored = await self._references.fetch(request.reference_image_url, user_id)
             request = request.model_copy(update={"reference_image_key": stored.key})
         plan = plan_job(request, user_id, idempotency_key=idempotency_key, tier=tier)
+        # A user's quota is their own tier's, even for a job they lowered to bulk.
+        quota = self._scheduling.quota(
+            tier_of(principal, None) if not principal.is_service else tier
+        )
+        if quota is not None and plan.cost_s > quota.budget_s:
+            # No wait would let it through: a 429 with Retry-After would be a lie.
+            raise InvalidRequest(
+                f"this job needs about {plan.cost_s:g} GPU seconds, more than the whole quota "
+                f"of {quota.budget_s:g} s per {quota.window_s:g} s; ask for fewer images or "
+                "a faster job type",
+                details={"cost_s": plan.cost_s, "budget_s": quota.budget_s},
+            )
         job, created = await self._repository.insert_job(
             plan,
             max_queued=self._max_queued_jobs,
             retry_after_s=self._queued_jobs_retry_after_s,
             owes_callback=self._callbacks,
             weight=self._scheduling.weight(tier),
-            # A user's quota is their own tier's, even for a job they lowered to bulk.
-            quota=self._scheduling.quota(
-                tier_of(principal, None) if not principal.is_service else tier
-            ),
+            quota=quota,
         )
         if created:
             self._metrics.job_submitted(job.job_type)

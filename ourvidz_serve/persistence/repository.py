@@ -333,7 +333,10 @@ class JobRepository:
         """
         spec = plan.spec
         async with self._connection() as connection, connection.transaction():
-            if max_queued > 0 or quota is not None:
+            # An idempotency key takes the lock too: two concurrent submissions with one key
+            # would otherwise both advance the user's virtual finish (insert_job's upsert runs
+            # before its insert finds the conflict).
+            if max_queued > 0 or quota is not None or plan.idempotency_key is not None:
                 await connection.execute(QUERIES["lock_user_submissions"], plan.user_id)
                 if plan.idempotency_key is not None:
                     replay = await self._idempotent_replay(connection, plan)
@@ -661,6 +664,16 @@ class JobRepository:
             )
             for row in rows
         ]
+
+    async def replicas_at_work(
+        self, queues: Sequence[str], timeout_s: float = 2.0
+    ) -> dict[str, int]:
+        """Per queue, how many replicas hold a job's lease."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(
+                QUERIES["replicas_at_work"], list(queues), timeout=timeout_s
+            )
+        return {row["queue"]: int(row["replicas"]) for row in rows}
 
     async def queue_position(self, job: JobRecord, cap: int = 10_000) -> tuple[int, float]:
         """``(jobs ahead, their expected GPU seconds)`` of a queued job in fair order."""

@@ -34,6 +34,15 @@ SELECT coalesce(queued.queue, running.queue) AS queue,
   FULL JOIN running ON running.queue = queued.queue AND running.tier = queued.tier
  ORDER BY 1, 2
 
+-- name: replicas_at_work
+-- Per queue, the replicas holding a job's lease (on jobs_processing_idx: only processing rows):
+-- replicas demonstrably pulling work, whatever state Serve reports them in.
+-- $1 queue names.
+SELECT queue, count(DISTINCT claimed_by) AS replicas
+  FROM jobs
+ WHERE status = 'processing' AND queue = ANY($1::text[])
+ GROUP BY queue
+
 -- name: queue_position
 -- How many queued jobs come before a job in its queue's fair order, and their expected GPU
 -- seconds, counted over at most $4 of them (an index-only range scan on jobs_fair_idx).

@@ -103,17 +103,31 @@ async def test_a_job_larger_than_what_is_left_is_refused_and_a_smaller_one_admit
     secure_settings, tiny_models, repository, pool
 ):
     user = str(uuid4())
-    async with serving(with_quota(secure_settings, 4), tiny_models) as http:
+    async with serving(with_quota(secure_settings, 7), tiny_models) as http:
         three = await http.post("/v1/jobs", json=job(user_id=user, num_images=3), headers=SERVICE)
         assert three.status_code == 202
         six = await http.post("/v1/jobs", json=job(user_id=user, num_images=6), headers=SERVICE)
         assert_error(six, 429, "quota_exhausted", "needs about")
-        one = await http.post("/v1/jobs", json=job(user_id=user, num_images=1), headers=SERVICE)
-        assert one.status_code == 202
+        three_more = job(user_id=user, num_images=3)
+        again = await http.post("/v1/jobs", json=three_more, headers=SERVICE)
+        assert again.status_code == 202
         usage = (await http.get(f"/v1/usage?user_id={user}", headers=SERVICE)).json()
-    assert usage["reserved_gpu_seconds"] == 4 * FAST_IMAGE_S
-    assert usage["remaining_gpu_seconds"] == 0
+    assert usage["reserved_gpu_seconds"] == pytest.approx(6 * FAST_IMAGE_S)
+    assert usage["remaining_gpu_seconds"] == pytest.approx(FAST_IMAGE_S)
     assert await pool.fetchval("SELECT count(*) FROM jobs WHERE user_id = $1", UUID(user)) == 2
+
+
+async def test_a_job_larger_than_the_whole_quota_is_invalid_not_retryable(
+    secure_settings, tiny_models, repository, pool
+):
+    user = str(uuid4())
+    async with serving(with_quota(secure_settings, 4), tiny_models) as http:
+        six = await http.post("/v1/jobs", json=job(user_id=user, num_images=6), headers=SERVICE)
+        usage = (await http.get(f"/v1/usage?user_id={user}", headers=SERVICE)).json()
+    assert_error(six, 422, "invalid_request", "more than the whole quota")
+    assert "retry-after" not in six.headers
+    assert usage["spent_gpu_seconds"] == 0 and usage["reserved_gpu_seconds"] == 0
+    assert await pool.fetchval("SELECT count(*) FROM jobs WHERE user_id = $1", UUID(user)) == 0
 
 
 async def test_completion_charges_the_measured_time_and_usage_shows_it(

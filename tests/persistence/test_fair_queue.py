@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from uuid import UUID, uuid4
 
 import pytest
@@ -83,6 +84,19 @@ async def test_an_idempotent_replay_does_not_move_the_users_virtual_time(reposit
         "SELECT virtual_finish FROM fair_shares WHERE user_id = $1 AND queue = 'sdxl_queue'", user
     )
     assert finish == pytest.approx(first.virtual_start + FAST_IMAGE_S / 2)
+
+
+async def test_concurrent_submissions_with_one_key_advance_the_users_virtual_time_once(
+    repository, pool
+):
+    user = uuid4()
+    answers = await asyncio.gather(*(submit(repository, user, key="k-2") for _ in range(8)))
+    assert sorted(created for _, created in answers) == [False] * 7 + [True]
+    assert len({job.id for job, _ in answers}) == 1
+    finish = await pool.fetchval(
+        "SELECT virtual_finish FROM fair_shares WHERE user_id = $1 AND queue = 'sdxl_queue'", user
+    )
+    assert finish == pytest.approx(answers[0][0].virtual_start + FAST_IMAGE_S / 2)
 
 
 async def test_outcomes_charge_what_ran_and_nothing_when_fenced_out(repository, pool):
