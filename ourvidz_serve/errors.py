@@ -11,10 +11,12 @@ class OurVidzError(Exception):
     status_code = 500
     code = "internal_error"
 
-    def __init__(self, message: str, *, details: Any = None) -> None:
+    def __init__(self, message: str, *, details: Any = None, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.details = details
+        self.param = param
+        """The request field at fault, where one is (OpenAI's ``error.param``)."""
 
 
 class InvalidRequest(OurVidzError):
@@ -113,6 +115,21 @@ class ClassifierUnavailable(ServiceUnavailable):
 class StorageError(OurVidzError):
     status_code = 502
     code = "storage_error"
+
+
+class GenerationTimeout(OurVidzError):
+    """A request that waits for its job (the OpenAI image routes) ran out of time; the job
+    goes on, and ``details`` names it."""
+
+    status_code = 504
+    code = "generation_timeout"
+
+
+class GenerationFailed(OurVidzError):
+    """The job a waiting request submitted failed (or was cancelled)."""
+
+    status_code = 500
+    code = "generation_failed"
 
 
 class ObjectNotFound(NotFound):

@@ -179,6 +179,12 @@ class Settings(BaseSettings):
     queued_jobs_retry_after_s: int = Field(
         15, ge=1, description="Retry-After of a submission refused for too many queued jobs"
     )
+    openai_wait_s: float = Field(
+        300.0,
+        gt=0,
+        description="How long POST /v1/images/generations and /v1/images/edits wait for their "
+        "job; past it they answer 504 naming the job, which goes on (fetch it from /v1/jobs)",
+    )
 
     tier_weights: dict[Tier, float] = Field(
         default_factory=lambda: {Tier.PREMIUM: 4.0, Tier.STANDARD: 2.0, Tier.BULK: 1.0},

@@ -16,6 +16,9 @@ from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
 from ourvidz_serve.api.metrics import router as metrics_router
 from ourvidz_serve.api.model_client import ModelClient
+from ourvidz_serve.api.openai_compat import UPLOAD_PATHS
+from ourvidz_serve.api.openai_compat import router as openai_router
+from ourvidz_serve.api.openapi_doc import install_openapi
 from ourvidz_serve.api.references import router as references_router
 from ourvidz_serve.api.routes import router as service_router
 from ourvidz_serve.api.scheduling import router as scheduling_router
@@ -24,6 +27,7 @@ from ourvidz_serve.api.users import router as users_router
 from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.openai_compat import OpenAICompatService
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.retention import UserDataService
 from ourvidz_serve.jobs.scheduling import QueueService, SchedulingPolicy, UsageService
@@ -136,6 +140,7 @@ async def open_app_state(
             ),
             queues=queues,
             usage=UsageService(repository, scheduling),
+            openai=OpenAICompatService(jobs, repository, storage, settings.openai_wait_s),
         )
 
 
@@ -168,6 +173,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_openapi(app)
     app.include_router(service_router)
     app.include_router(jobs_router)
     app.include_router(references_router)
@@ -175,10 +181,14 @@ def create_app(
     app.include_router(users_router)
     app.include_router(metrics_router)
     app.include_router(scheduling_router)
+    app.include_router(openai_router)
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,
         # An upload is an image plus the multipart framing around it.
-        limits={references_router.prefix: settings.reference_max_bytes + MULTIPART_OVERHEAD_BYTES},
+        limits={
+            path: settings.reference_max_bytes + MULTIPART_OVERHEAD_BYTES
+            for path in (references_router.prefix, *UPLOAD_PATHS)
+        },
     )
     return app

@@ -36,7 +36,7 @@ class BodySizeLimit:
         message = f"the request body is larger than {limit} bytes"
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            response = error_response(413, "payload_too_large", message)
+            response = error_response(413, "payload_too_large", message, path=scope["path"])
             await response(scope, receive, send)
             return
         received = 0

@@ -49,7 +49,10 @@ def plan_job(
     job_id: UUID | None = None,
     now: datetime | None = None,
     tier: Tier = Tier.STANDARD,
+    openai_request: dict[str, Any] | None = None,
 ) -> JobPlan:
+    """The job's rows. ``openai_request``: what an OpenAI-compatible route was asked (its
+    ``seconds``, ``size``, ...), recorded in the metadata as it was sent."""
     spec = JOB_TYPES[request.job_type]
     job_id = job_id or uuid4()
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -106,6 +109,9 @@ def plan_job(
         }
         if spec.format is OutputFormat.VIDEO:
             system["fps"] = WAN_FPS
+
+    if openai_request is not None:
+        system["openai_request"] = openai_request
 
     # System keys win over user metadata: the records must stay truthful.
     metadata = {**request.metadata, **system}

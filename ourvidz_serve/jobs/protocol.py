@@ -52,7 +52,7 @@ RESERVED_METADATA_KEYS = frozenset(
         "negative_prompt_supported", "steps", "guidance_scale", "reference_image_key",
         "reference_image_url", "reference_type", "reference_strength", "frame_num",
         "frame_num_requested", "sample_steps", "sample_guide_scale", "sample_solver",
-        "sample_shift", "fps",
+        "sample_shift", "fps", "openai_request",
         # written while and after running (workers)
         "attempt", "enhancement_time", "pipeline_batch_images", "queue_wait_time",
         "original_prompt", "enhanced_prompt", "enhancement_fallback",

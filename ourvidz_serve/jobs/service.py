@@ -7,7 +7,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 from uuid import UUID
 
-from ourvidz_serve.errors import Conflict, Forbidden, InvalidRequest, NotFound
+from ourvidz_serve.catalog import JOB_TYPES
+from ourvidz_serve.errors import Conflict, Forbidden, GenerationTimeout, InvalidRequest, NotFound
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
 from ourvidz_serve.jobs.planning import plan_job
@@ -28,6 +29,7 @@ from ourvidz_serve.security.prompt_policy import PromptPolicy
 from ourvidz_serve.storage import Storage
 
 TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
+_TERMINAL = frozenset(status.value for status in TERMINAL_STATUSES)
 EVENTS_RECHECK_S = 5.0
 MAX_PAGE_SIZE = 100
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -64,7 +66,12 @@ class JobService:
         self._queued_jobs_retry_after_s = queued_jobs_retry_after_s
 
     async def submit(
-        self, request: JobRequest, principal: Principal, idempotency_key: str | None = None
+        self,
+        request: JobRequest,
+        principal: Principal,
+        idempotency_key: str | None = None,
+        *,
+        openai_request: dict[str, Any] | None = None,
     ) -> tuple[JobResource, bool]:
         """Check, persist the job and its asset rows; return ``(job, created)``.
 
@@ -88,7 +95,13 @@ class JobService:
         elif request.reference_image_url is not None:
             stored = await self._references.fetch(request.reference_image_url, user_id)
             request = request.model_copy(update={"reference_image_key": stored.key})
-        plan = plan_job(request, user_id, idempotency_key=idempotency_key, tier=tier)
+        plan = plan_job(
+            request,
+            user_id,
+            idempotency_key=idempotency_key,
+            tier=tier,
+            openai_request=openai_request,
+        )
         # A user's quota is their own tier's, even for a job they lowered to bulk.
         quota = self._scheduling.quota(
             tier_of(principal, None) if not principal.is_service else tier
@@ -145,6 +158,50 @@ class JobService:
                 details={"status": was.value},
             )
         return await self.get(job_id, principal)
+
+    async def wait_until_finished(
+        self, job_id: UUID, principal: Principal, timeout_s: float
+    ) -> JobResource:
+        """The job once it has ended, told by the event hub (no polling loop: the row is read
+        when a terminal status arrives, and every ``EVENTS_RECHECK_S`` in case a notification
+        was lost). Past ``timeout_s``, ``GenerationTimeout`` naming the job, which goes on."""
+        async with self._events.subscribe(job_id) as queue:
+            # Subscribed before reading, so an end between the two is not missed.
+            job = await self._visible(job_id, principal)
+            try:
+                async with asyncio.timeout(timeout_s):
+                    while job.status not in TERMINAL_STATUSES:
+                        try:
+                            event = await asyncio.wait_for(queue.get(), EVENTS_RECHECK_S)
+                        except TimeoutError:
+                            job = await self._visible(job_id, principal)
+                            continue
+                        if event.get("type") == "status" and event.get("status") in _TERMINAL:
+                            job = await self._visible(job_id, principal)
+            except TimeoutError:
+                raise GenerationTimeout(
+                    f"job {job_id} has not finished after {timeout_s:g} s; it goes on: fetch it "
+                    f"from GET /v1/jobs/{job_id}",
+                    details={"job_id": str(job_id), "status": job.status.value},
+                ) from None
+        return await self.to_resource(job)
+
+    async def delete_files(self, job_id: UUID, principal: Principal) -> JobRecord:
+        """Cancel the job if unfinished, delete every file it stored, and mark it expired
+        (its downloads answer 410 from then on). Its rows stay: it is still the user's job.
+
+        Files first, then the mark, so that a retry after a storage error finishes the work;
+        a cancelled attempt still running deletes what it stores itself (it is fenced out).
+        """
+        job = await self._visible(job_id, principal)
+        was = await self._repository.cancel_job(job_id)
+        if was in (JobStatus.QUEUED, JobStatus.PROCESSING):
+            self._metrics.job_finished(job.job_type, JobStatus.CANCELLED.value)
+        bucket = JOB_TYPES[job.job_type].bucket
+        for key in await self._storage.list_keys(bucket, f"{job.user_id}/{job.id}"):
+            await self._storage.delete(bucket, key)
+        await self._repository.mark_expired([job_id])
+        return await self._visible(job_id, principal)
 
     async def events(
         self, job_id: UUID, principal: Principal

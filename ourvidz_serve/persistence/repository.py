@@ -176,6 +176,8 @@ class JobFilters:
     user_id: UUID | None = None
     status: JobStatus | None = None
     job_type: str | None = None
+    job_types: tuple[str, ...] | None = None
+    """Any of these types (the OpenAI video routes list the video types)."""
 
 
 @dataclass(frozen=True)
@@ -495,9 +497,9 @@ class JobRepository:
         return by_job
 
     async def list_jobs(
-        self, filters: JobFilters, limit: int, cursor: str | None
+        self, filters: JobFilters, limit: int, cursor: str | None, *, oldest_first: bool = False
     ) -> tuple[list[JobRecord], str | None]:
-        """Newest first; keyset pagination on ``(created_at, id)``."""
+        """Newest first (or oldest first); keyset pagination on ``(created_at, id)``."""
         conditions: list[str] = []
         args: list[Any] = []
         for column, value in (
@@ -508,15 +510,19 @@ class JobRepository:
             if value is not None:
                 args.append(value)
                 conditions.append(f"{column} = ${len(args)}")
+        if filters.job_types is not None:
+            args.append(list(filters.job_types))
+            conditions.append(f"job_type = ANY(${len(args)}::text[])")
+        beyond, direction = (">", "ASC") if oldest_first else ("<", "DESC")
         if cursor is not None:
             created_at, job_id = decode_cursor(cursor)
             args += [created_at, job_id]
-            conditions.append(f"(created_at, id) < (${len(args) - 1}, ${len(args)})")
+            conditions.append(f"(created_at, id) {beyond} (${len(args) - 1}, ${len(args)})")
         where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         args.append(limit + 1)
         sql = (
             f"SELECT {_JOB_COLUMNS} FROM jobs {where} "
-            f"ORDER BY created_at DESC, id DESC LIMIT ${len(args)}"
+            f"ORDER BY created_at {direction}, id {direction} LIMIT ${len(args)}"
         )
         async with self._connection() as connection:
             rows = await connection.fetch(sql, *args)
@@ -798,6 +804,13 @@ class JobRepository:
                 return []
             marked = await connection.fetch(QUERIES["mark_jobs_expired"], list(purged))
         return [row["id"] for row in marked]
+
+    async def mark_expired(self, job_ids: list[UUID]) -> list[UUID]:
+        """Mark finished jobs whose files were deleted on request (not by the sweeper) expired;
+        the ids marked (one already expired is left as it is)."""
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["mark_jobs_expired"], job_ids)
+        return [row["id"] for row in rows]
 
     async def jobs_with_possible_orphans(
         self, ended_s_ago: float, window_s: float, limit: int

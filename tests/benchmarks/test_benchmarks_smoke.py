@@ -20,6 +20,7 @@ NEEDS_RAY = {
     "batching.py",
     "chaos.py",
     "delivery_latency.py",
+    "openai_overhead.py",
     "submission_throughput.py",
     "tiny_latency.py",
 }

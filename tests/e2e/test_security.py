@@ -23,14 +23,28 @@ pytestmark = pytest.mark.e2e
 
 FUZZ_CHECKS = "not_a_server_error,response_schema_conformance,status_code_conformance"
 FUZZ_MAX_EXAMPLES = 25
+# The OpenAI image routes wait for their job (OURVIDZ_OPENAI_WAIT_S, 20 s in the session
+# service); a fuzzed job queued behind the fuzzer's own videos may outlast it, and the 504
+# naming the job is the documented answer then. Any other 5xx still fails the run.
+WAITING_ROUTES_MAY_TIME_OUT = "".join(
+    f"""
+[[operations]]
+include-name = "POST {path}"
+checks.not_a_server_error.expected-statuses = ["2xx", "3xx", "4xx", "504"]
+"""
+    for path in ("/v1/images/generations", "/v1/images/edits")
+)
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(
     service: RunningService, tmp_path: Path, no_leftover_queued_jobs: None
 ):
     report = tmp_path / "schemathesis.json"
+    config = tmp_path / "schemathesis.toml"
+    config.write_text(WAITING_ROUTES_MAY_TIME_OUT)
     command = [
         str(Path(sys.executable).parent / "st"),
+        "--config-file", str(config),
         "run",
         f"{service.base_url}/openapi.json",
         "--checks", FUZZ_CHECKS,

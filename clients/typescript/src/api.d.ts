@@ -284,6 +284,143 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/models": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Models
+         * @description The ten job types, as models.
+         */
+        get: operations["list_models_v1_models_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/models/{model_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Model */
+        get: operations["get_model_v1_models__model_id__get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/images/generations": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Generate Images
+         * @description Generate images and answer them once the job completes (up to
+         *     ``OURVIDZ_OPENAI_WAIT_S``; past it a 504 names the job, which goes on).
+         */
+        post: operations["generate_images_v1_images_generations_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/images/edits": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Edit Images
+         * @description An SDXL reference job on the uploaded ``image`` (multipart), answered once complete.
+         */
+        post: operations["edit_images_v1_images_edits_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List Videos */
+        get: operations["list_videos_v1_videos_get"];
+        put?: never;
+        /**
+         * Create Video
+         * @description Queue a text-to-video job and answer its Video object at once (multipart or JSON).
+         */
+        post: operations["create_video_v1_videos_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos/{video_id}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Get Video */
+        get: operations["get_video_v1_videos__video_id__get"];
+        put?: never;
+        post?: never;
+        /**
+         * Delete Video
+         * @description Cancel the video if unfinished and delete its files; its job record stays (expired).
+         */
+        delete: operations["delete_video_v1_videos__video_id__delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/videos/{video_id}/content": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Video Content */
+        get: operations["video_content_v1_videos__video_id__content_get"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -430,6 +567,101 @@ export interface components {
         HTTPValidationError: {
             /** Detail */
             detail?: components["schemas"]["ValidationError"][];
+        };
+        /** ImageData */
+        ImageData: {
+            /**
+             * Url
+             * @description Signed download URL (response_format=url)
+             */
+            url?: string | null;
+            /**
+             * B64 Json
+             * @description The PNG, base64 (response_format=b64_json)
+             */
+            b64_json?: string | null;
+            /**
+             * Revised Prompt
+             * @description The prompt the model ran, where the enhancer rewrote it
+             */
+            revised_prompt?: string | null;
+        };
+        /**
+         * ImageGenerationRequest
+         * @description ``POST /v1/images/generations``.
+         */
+        ImageGenerationRequest: {
+            /** Prompt */
+            prompt: string;
+            /**
+             * User
+             * @description The end user's id (a UUID); required with a service API key
+             */
+            user?: string | null;
+            /**
+             * User Id
+             * @description Same as user
+             */
+            user_id?: string | null;
+            /** Seed */
+            seed?: number | null;
+            /** Metadata */
+            metadata?: {
+                [key: string]: unknown;
+            };
+            /**
+             * Model
+             * @description An image job type
+             * @default sdxl_image_fast
+             * @enum {string}
+             */
+            model?: "sdxl_image_fast" | "sdxl_image_high" | "image_fast" | "image_high" | "image7b_fast_enhanced" | "image7b_high_enhanced";
+            /**
+             * N
+             * @description 1, 3 or 6 for SDXL types; 1 for WAN types
+             * @default 1
+             */
+            n?: number;
+            /**
+             * Size
+             * @description Only the job type's own size (or 'auto')
+             */
+            size?: string | null;
+            /**
+             * Response Format
+             * @default url
+             * @enum {string}
+             */
+            response_format?: "url" | "b64_json";
+            /** Negative Prompt */
+            negative_prompt?: string | null;
+        };
+        /** ImagesResponse */
+        ImagesResponse: {
+            /**
+             * Created
+             * @description When the job was submitted (Unix seconds)
+             */
+            created: number;
+            /** Data */
+            data: components["schemas"]["ImageData"][];
+            /**
+             * Output Format
+             * @default png
+             * @constant
+             */
+            output_format?: "png";
+            /**
+             * Size
+             * @description The images' size as generated, WIDTHxHEIGHT
+             */
+            size?: string | null;
+            /**
+             * Job Id
+             * Format: uuid
+             * @description The job behind the images (GET /v1/jobs/{job_id})
+             */
+            job_id: string;
         };
         /** JobList */
         JobList: {
@@ -623,6 +855,64 @@ export interface components {
             /** Expected Time S */
             expected_time_s: number;
         };
+        /** ModelList */
+        ModelList: {
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object?: "list";
+            /** Data */
+            data: components["schemas"]["ModelObject"][];
+        };
+        /** ModelObject */
+        ModelObject: {
+            /**
+             * Id
+             * @description A job type
+             */
+            id: string;
+            /**
+             * Object
+             * @default model
+             * @constant
+             */
+            object?: "model";
+            /** Created */
+            created: number;
+            /** Owned By */
+            owned_by: string;
+        };
+        /** OpenAIError */
+        OpenAIError: {
+            /** Message */
+            message: string;
+            /**
+             * Type
+             * @description invalid_request_error, authentication_error, permission_error, rate_limit_error or server_error
+             */
+            type: string;
+            /**
+             * Param
+             * @description The request field at fault, where one is
+             */
+            param: string | null;
+            /**
+             * Code
+             * @description The job API's error code (e.g. prompt_refused)
+             */
+            code: string;
+            /**
+             * Job Id
+             * @description The job a timed-out or failed image request submitted
+             */
+            job_id?: string | null;
+        };
+        /** OpenAIErrorBody */
+        OpenAIErrorBody: {
+            error: components["schemas"]["OpenAIError"];
+        };
         /**
          * OutputFormat
          * @enum {string}
@@ -764,6 +1054,91 @@ export interface components {
             /** Context */
             ctx?: Record<string, never>;
         };
+        /** VideoDeleted */
+        VideoDeleted: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default video.deleted
+             * @constant
+             */
+            object?: "video.deleted";
+            /**
+             * Deleted
+             * @default true
+             */
+            deleted?: boolean;
+        };
+        /** VideoError */
+        VideoError: {
+            /** Code */
+            code: string;
+            /** Message */
+            message: string;
+        };
+        /** VideoList */
+        VideoList: {
+            /**
+             * Object
+             * @default list
+             * @constant
+             */
+            object?: "list";
+            /** Data */
+            data: components["schemas"]["VideoObject"][];
+            /** First Id */
+            first_id: string | null;
+            /** Last Id */
+            last_id: string | null;
+            /** Has More */
+            has_more: boolean;
+        };
+        /**
+         * VideoObject
+         * @description OpenAI's Video object; ``id`` is the job's id.
+         */
+        VideoObject: {
+            /** Id */
+            id: string;
+            /**
+             * Object
+             * @default video
+             * @constant
+             */
+            object?: "video";
+            /** Model */
+            model: string;
+            /**
+             * Status
+             * @description A cancelled job reads as failed, with error.code 'cancelled'
+             * @enum {string}
+             */
+            status: "queued" | "in_progress" | "completed" | "failed";
+            /**
+             * Progress
+             * @description From the denoising steps recorded
+             */
+            progress: number;
+            /** Created At */
+            created_at: number;
+            /** Completed At */
+            completed_at: number | null;
+            /** Expires At */
+            expires_at?: number | null;
+            /**
+             * Seconds
+             * @description The clip's length: frames over frames per second
+             */
+            seconds: string;
+            /** Size */
+            size: string;
+            /** Prompt */
+            prompt: string;
+            error: components["schemas"]["VideoError"] | null;
+            /** Remixed From Video Id */
+            remixed_from_video_id?: string | null;
+        };
     };
     responses: never;
     parameters: never;
@@ -782,6 +1157,9 @@ export type Enhancement = components['schemas']['Enhancement'];
 export type ErrorBody = components['schemas']['ErrorBody'];
 export type ErrorDetail = components['schemas']['ErrorDetail'];
 export type HttpValidationError = components['schemas']['HTTPValidationError'];
+export type ImageData = components['schemas']['ImageData'];
+export type ImageGenerationRequest = components['schemas']['ImageGenerationRequest'];
+export type ImagesResponse = components['schemas']['ImagesResponse'];
 export type JobList = components['schemas']['JobList'];
 export type JobProgress = components['schemas']['JobProgress'];
 export type JobRequest = components['schemas']['JobRequest'];
@@ -789,6 +1167,10 @@ export type JobResource = components['schemas']['JobResource'];
 export type JobStatus = components['schemas']['JobStatus'];
 export type JobType = components['schemas']['JobType'];
 export type JobTypeResource = components['schemas']['JobTypeResource'];
+export type ModelList = components['schemas']['ModelList'];
+export type ModelObject = components['schemas']['ModelObject'];
+export type OpenAiError = components['schemas']['OpenAIError'];
+export type OpenAiErrorBody = components['schemas']['OpenAIErrorBody'];
 export type OutputFormat = components['schemas']['OutputFormat'];
 export type Quality = components['schemas']['Quality'];
 export type Queue = components['schemas']['Queue'];
@@ -800,6 +1182,10 @@ export type Tier = components['schemas']['Tier'];
 export type TierQueueStatus = components['schemas']['TierQueueStatus'];
 export type UsageResource = components['schemas']['UsageResource'];
 export type ValidationError = components['schemas']['ValidationError'];
+export type VideoDeleted = components['schemas']['VideoDeleted'];
+export type VideoError = components['schemas']['VideoError'];
+export type VideoList = components['schemas']['VideoList'];
+export type VideoObject = components['schemas']['VideoObject'];
 export type $defs = Record<string, never>;
 export interface operations {
     healthz_healthz_get: {
@@ -1369,7 +1755,12 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": unknown;
+                    "text/event-stream": {
+                        data?: string;
+                        event?: string;
+                        id?: string;
+                        retry?: number;
+                    };
                 };
             };
             /** @description No credential, or an invalid one */
@@ -1378,7 +1769,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ErrorBody"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description No such resource (or it belongs to another user) */
@@ -1387,7 +1778,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ErrorBody"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description The request is invalid; the message says why */
@@ -1396,7 +1787,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ErrorBody"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
@@ -1407,7 +1798,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ErrorBody"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
             /** @description The service is starting or its database is unavailable */
@@ -1416,7 +1807,7 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content: {
-                    "text/event-stream": components["schemas"]["ErrorBody"];
+                    "application/json": components["schemas"]["ErrorBody"];
                 };
             };
         };
@@ -1871,6 +2262,963 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_models_v1_models_get: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelList"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    get_model_v1_models__model_id__get: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                model_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ModelObject"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    generate_images_v1_images_generations_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                "Idempotency-Key"?: string | null;
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["ImageGenerationRequest"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImagesResponse"];
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Conflict with an earlier request */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The request body is larger than allowed */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The job failed or was cancelled (generation_failed; the message names the job) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The job did not finish in time (generation_timeout); it goes on, under the id the message names */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    edit_images_v1_images_edits_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                "Idempotency-Key"?: string | null;
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": {
+                    /** Prompt */
+                    prompt: string;
+                    /**
+                     * User
+                     * @description The end user's id (a UUID); required with a service API key
+                     */
+                    user?: string | null;
+                    /**
+                     * User Id
+                     * @description Same as user
+                     */
+                    user_id?: string | null;
+                    /** Seed */
+                    seed?: number | null;
+                    /** @description A JSON object */
+                    metadata?: string;
+                    /**
+                     * Model
+                     * @description An image job type
+                     * @default sdxl_image_fast
+                     * @enum {string}
+                     */
+                    model?: "sdxl_image_fast" | "sdxl_image_high" | "image_fast" | "image_high" | "image7b_fast_enhanced" | "image7b_high_enhanced";
+                    /**
+                     * N
+                     * @description 1, 3 or 6 for SDXL types; 1 for WAN types
+                     * @default 1
+                     */
+                    n?: number;
+                    /**
+                     * Size
+                     * @description Only the job type's own size (or 'auto')
+                     */
+                    size?: string | null;
+                    /**
+                     * Response Format
+                     * @default url
+                     * @enum {string}
+                     */
+                    response_format?: "url" | "b64_json";
+                    /** Negative Prompt */
+                    negative_prompt?: string | null;
+                    /**
+                     * ReferenceType
+                     * @description What an SDXL reference image steers: its style, its composition or a character.
+                     * @enum {string}
+                     */
+                    reference_type?: "style" | "composition" | "character";
+                    /**
+                     * Reference Strength
+                     * @default 0.7
+                     */
+                    reference_strength?: number;
+                    /**
+                     * Format: binary
+                     * @description A PNG, JPEG or WebP image (checked as POST /v1/references checks)
+                     */
+                    image: string;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ImagesResponse"];
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Conflict with an earlier request */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The request body is larger than allowed */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The job failed or was cancelled (generation_failed; the message names the job) */
+            500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The job did not finish in time (generation_timeout); it goes on, under the id the message names */
+            504: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    list_videos_v1_videos_get: {
+        parameters: {
+            query?: {
+                /** @description The last id of the previous page */
+                after?: string | null;
+                limit?: number;
+                order?: "asc" | "desc";
+                /** @description One user's (a service key) */
+                user_id?: string | null;
+            };
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoList"];
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    create_video_v1_videos_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                "Idempotency-Key"?: string | null;
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": {
+                    /** Prompt */
+                    prompt: string;
+                    /**
+                     * User
+                     * @description The end user's id (a UUID); required with a service API key
+                     */
+                    user?: string | null;
+                    /**
+                     * User Id
+                     * @description Same as user
+                     */
+                    user_id?: string | null;
+                    /** Seed */
+                    seed?: number | null;
+                    /** @description A JSON object */
+                    metadata?: string;
+                    /**
+                     * Model
+                     * @description A video job type
+                     * @default video_fast
+                     * @enum {string}
+                     */
+                    model?: "video_fast" | "video_high" | "video7b_fast_enhanced" | "video7b_high_enhanced";
+                    /**
+                     * Seconds
+                     * @description Clip length; rounded to the nearest valid frame count at 16 fps (4k+1 frames, at most 121)
+                     */
+                    seconds?: string | number | null;
+                    /**
+                     * Size
+                     * @description Only the job type's own size (or 'auto')
+                     */
+                    size?: string | null;
+                    /**
+                     * Input Reference
+                     * @description Not supported: text-to-video only (refused with 400)
+                     */
+                    input_reference?: unknown;
+                };
+                "application/json": {
+                    /** Prompt */
+                    prompt: string;
+                    /**
+                     * User
+                     * @description The end user's id (a UUID); required with a service API key
+                     */
+                    user?: string | null;
+                    /**
+                     * User Id
+                     * @description Same as user
+                     */
+                    user_id?: string | null;
+                    /** Seed */
+                    seed?: number | null;
+                    /** Metadata */
+                    metadata?: {
+                        [key: string]: unknown;
+                    };
+                    /**
+                     * Model
+                     * @description A video job type
+                     * @default video_fast
+                     * @enum {string}
+                     */
+                    model?: "video_fast" | "video_high" | "video7b_fast_enhanced" | "video7b_high_enhanced";
+                    /**
+                     * Seconds
+                     * @description Clip length; rounded to the nearest valid frame count at 16 fps (4k+1 frames, at most 121)
+                     */
+                    seconds?: string | number | null;
+                    /**
+                     * Size
+                     * @description Only the job type's own size (or 'auto')
+                     */
+                    size?: string | null;
+                    /**
+                     * Input Reference
+                     * @description Not supported: text-to-video only (refused with 400)
+                     */
+                    input_reference?: unknown;
+                };
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoObject"];
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Conflict with an earlier request */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The request body is larger than allowed */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    get_video_v1_videos__video_id__get: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoObject"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    delete_video_v1_videos__video_id__delete: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["VideoDeleted"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Object storage failed; the request can be retried */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+        };
+    };
+    video_content_v1_videos__video_id__content_get: {
+        parameters: {
+            query?: {
+                /** @description video or thumbnail */
+                variant?: string;
+            };
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                video_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description The MP4, or its WebP poster (variant=thumbnail) */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "video/mp4": unknown;
+                    "image/webp": unknown;
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The file was deleted: its job passed the retention period */
+            410: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Object storage failed; the request can be retried */
+            502: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
         };
