@@ -62,6 +62,12 @@ class TooManyQueuedJobs(RateLimited):
     code = "too_many_queued_jobs"
 
 
+class TooManyWaitingRequests(RateLimited):
+    """An ingress replica holds as many waiting image requests (OpenAI routes) as allowed."""
+
+    code = "too_many_waiting_requests"
+
+
 class QuotaExhausted(RateLimited):
     """The user's GPU-time budget for the window cannot cover the job."""
 

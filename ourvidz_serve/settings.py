@@ -185,6 +185,12 @@ class Settings(BaseSettings):
         description="How long POST /v1/images/generations and /v1/images/edits wait for their "
         "job; past it they answer 504 naming the job, which goes on (fetch it from /v1/jobs)",
     )
+    openai_max_waiting: int = Field(
+        128,
+        ge=1,
+        description="Image requests of the OpenAI routes that may wait at once per ingress "
+        "replica (each holds one of its max_ongoing_requests); beyond it, 429",
+    )
 
     tier_weights: dict[Tier, float] = Field(
         default_factory=lambda: {Tier.PREMIUM: 4.0, Tier.STANDARD: 2.0, Tier.BULK: 1.0},

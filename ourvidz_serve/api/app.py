@@ -140,7 +140,13 @@ async def open_app_state(
             ),
             queues=queues,
             usage=UsageService(repository, scheduling),
-            openai=OpenAICompatService(jobs, repository, storage, settings.openai_wait_s),
+            openai=OpenAICompatService(
+                jobs,
+                repository,
+                storage,
+                wait_s=settings.openai_wait_s,
+                max_waiting=settings.openai_max_waiting,
+            ),
         )
 
 

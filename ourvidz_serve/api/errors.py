@@ -82,8 +82,13 @@ def openai_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` of an OpenAI route, in OpenAI's error shape. A refusal the job
     API answers 422 is a 400 there (OpenAI's status for an invalid request)."""
     responses = error_responses(*(400 if status == 422 else status for status in statuses))
-    for response in responses.values():
+    for status, response in responses.items():
         response["model"] = OpenAIErrorBody
+        if status == 400:
+            response["description"] = (
+                "The request is invalid: error.param names the field, error.code says why "
+                "(invalid_request, prompt_refused, invalid_image, ...)"
+            )
     return responses
 
 
@@ -140,9 +145,11 @@ async def _on_service_error(request: Request, exc: Exception) -> JSONResponse:
     headers = None
     if isinstance(exc, RateLimited):
         headers = {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-    elif exc.status_code >= 500 and "job_id" in (exc.details or {}):
-        # A job's failure or timeout: OpenAI's SDKs retry a 5xx, which would submit the
-        # job again, unless the retry replays it under the same Idempotency-Key.
+    elif request.url.path.startswith(OPENAI_PATHS) and (
+        exc.status_code == 409 or "job_id" in (exc.details if isinstance(exc.details, dict) else {})
+    ):
+        # OpenAI's SDKs retry a 409 and any 5xx. A retry after the job was stored would submit
+        # it again, unless it replays it under the same Idempotency-Key; a conflict stays one.
         replays = isinstance(exc, GenerationTimeout) and "idempotency-key" in request.headers
         headers = {"x-should-retry": "true" if replays else "false"}
     return error_response(
@@ -162,7 +169,8 @@ async def _on_validation_error(request: Request, exc: Exception) -> JSONResponse
     first = details[0] if details else {"loc": [], "msg": "invalid request"}
     where = ".".join(str(part) for part in first["loc"] if part != "body")
     message = f"{where}: {first['msg']}" if where else str(first["msg"])
-    fields = [str(part) for part in first["loc"][1:]]
+    # A body that is not JSON has the position as its second part: not a field.
+    fields = [part for part in first["loc"][1:] if isinstance(part, str)]
     return error_response(
         422,
         "invalid_request",

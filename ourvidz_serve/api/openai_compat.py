@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 from uuid import UUID
 
 from fastapi import APIRouter, Depends, Header, Query, Request
-from fastapi.responses import Response
+from fastapi.responses import FileResponse, RedirectResponse, Response
 from pydantic import BaseModel
 from starlette.datastructures import UploadFile
 
@@ -38,8 +38,8 @@ from ourvidz_serve.jobs.principal import Principal
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
-UPLOAD_PATHS = ("/v1/images/edits", "/v1/videos")
-"""Routes whose body may carry an image upload (their size cap is the reference image's)."""
+UPLOAD_PATHS = ("/v1/images/edits",)
+"""Routes whose body carries an image upload (their size cap is the reference image's)."""
 
 StateDep = Annotated[AppState, Depends(get_state)]
 PrincipalDep = Annotated[Principal, Depends(require_principal)]
@@ -122,8 +122,10 @@ async def _read_fields(
     if "metadata" in fields:
         try:
             fields["metadata"] = json.loads(fields["metadata"])
-        except ValueError:
-            raise InvalidRequest("metadata must be a JSON object", param="metadata") from None
+        except (ValueError, RecursionError):
+            fields["metadata"] = None
+        if not isinstance(fields["metadata"], dict):
+            raise InvalidRequest("metadata must be a JSON object", param="metadata")
     return fields, upload
 
 
@@ -157,7 +159,7 @@ async def get_model(model_id: str, state: StateDep, _principal: PrincipalDep) ->
 
 _WAITING_ERRORS = {
     **OPENAI_AUTHENTICATED_ERRORS,
-    **openai_error_responses(400, 403, 409, 413, 500, 504),
+    **openai_error_responses(400, 403, 404, 409, 413, 500, 502, 504),
 }
 
 
@@ -192,11 +194,14 @@ async def edit_images(
     edit = parse_request(ImageEditRequest, fields)
     if image is None:
         raise InvalidRequest("image: an image file is required", param="image")
-    job_request = edit_job(edit)  # every refusal before the upload is stored
-    stored = await state.references.store(image, principal.acting_for(job_request.user_id))
-    job_request = job_request.model_copy(update={"reference_image_key": stored.key})
+    # The upload is checked and stored by the job service after the cheap refusals.
     return await state.openai.generate_images(
-        job_request, principal, edit.response_format, idempotency_key, _recorded(edit)
+        edit_job(edit),
+        principal,
+        edit.response_format,
+        idempotency_key,
+        _recorded(edit),
+        reference_upload=image,
     )
 
 
@@ -268,6 +273,7 @@ async def delete_video(video_id: str, state: StateDep, principal: PrincipalDep) 
             "description": "The MP4, or its WebP poster (variant=thumbnail)",
             "content": {"video/mp4": {}, "image/webp": {}},
         },
+        307: {"description": "Object storage: the file's signed URL, in Location"},
         **OPENAI_AUTHENTICATED_ERRORS,
         **openai_error_responses(400, 404, 410, 502),
     },
@@ -278,5 +284,10 @@ async def video_content(
     principal: PrincipalDep,
     variant: Annotated[str, Query(description="video or thumbnail")] = "video",
 ) -> Response:
-    data, media_type = await state.openai.video_content(video_id, principal, variant)
-    return Response(content=data, media_type=media_type)
+    """The file, streamed from local storage, or a 307 to its signed URL in object storage
+    (the SDKs follow it; curl needs -L)."""
+    content = await state.openai.video_content(video_id, principal, variant)
+    if content.path is not None:
+        return FileResponse(content.path, media_type=content.media_type)
+    assert content.url is not None
+    return RedirectResponse(content.url, status_code=307)

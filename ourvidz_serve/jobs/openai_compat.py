@@ -12,7 +12,9 @@ import asyncio
 import base64
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from uuid import UUID
 
@@ -28,13 +30,21 @@ from ourvidz_serve.catalog import (
     ReferenceType,
 )
 from ourvidz_serve.domain import AssetKind, JobStatus
-from ourvidz_serve.errors import GenerationFailed, Gone, InvalidRequest, NotFound
+from ourvidz_serve.errors import (
+    GenerationFailed,
+    Gone,
+    InvalidRequest,
+    NotFound,
+    OurVidzError,
+    TooManyWaitingRequests,
+)
 from ourvidz_serve.jobs.principal import Principal
-from ourvidz_serve.jobs.protocol import MAX_SEED, JobRequest, JobResource
+from ourvidz_serve.jobs.protocol import LIFTED_FROM_METADATA, MAX_SEED, JobRequest, JobResource
 from ourvidz_serve.jobs.service import JobService
 from ourvidz_serve.persistence.repository import JobFilters, JobRepository, encode_cursor
 from ourvidz_serve.prompts import MAX_PROMPT_CHARS
 from ourvidz_serve.storage import Storage
+from ourvidz_serve.storage.local import LocalStorage
 
 DEFAULT_IMAGE_MODEL = "sdxl_image_fast"
 DEFAULT_VIDEO_MODEL = "video_fast"
@@ -42,6 +52,7 @@ MODELS_CREATED = 1764892800
 """``created`` of every model: when these job types were first served (2025-12-05)."""
 OWNED_BY = "ourvidz"
 MAX_VIDEO_PAGE = 100
+WAITING_RETRY_AFTER_S = 5.0
 
 IMAGE_MODELS = tuple(name for name, spec in JOB_TYPES.items() if spec.format is OutputFormat.IMAGE)
 VIDEO_MODELS = tuple(name for name, spec in JOB_TYPES.items() if spec.format is OutputFormat.VIDEO)
@@ -130,6 +141,15 @@ class VideoList(BaseModel):
     first_id: str | None
     last_id: str | None
     has_more: bool
+
+
+@dataclass(frozen=True)
+class VideoContent:
+    media_type: str
+    path: Path | None = None
+    """A local file (local storage)."""
+    url: str | None = None
+    """A signed URL (object storage)."""
 
 
 class VideoDeleted(BaseModel):
@@ -255,8 +275,24 @@ def _end_user(request: _OpenAIRequest) -> UUID | None:
     return user
 
 
+def _require_end_user(request: JobRequest, principal: Principal) -> None:
+    if principal.is_service and request.user_id is None:
+        raise InvalidRequest(
+            "user (the end user's id) is required with a service API key", param="user"
+        )
+
+
 def _job_request(fields: dict[str, Any]) -> JobRequest:
     """The job API's request; its refusals are renamed to the OpenAI fields."""
+    # The job API lifts generation options out of metadata (the seed's payload shape); here
+    # they are fields of their own, or not offered (a reference URL), and metadata is the
+    # client's alone.
+    options = sorted(LIFTED_FROM_METADATA.intersection(fields.get("metadata") or {}))
+    if options:
+        raise InvalidRequest(
+            f"metadata may not carry {options}: give them as fields of the request",
+            param="metadata",
+        )
     try:
         return JobRequest.model_validate({k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
@@ -411,12 +447,20 @@ class OpenAICompatService:
     """The OpenAI routes' work, callable without HTTP."""
 
     def __init__(
-        self, jobs: JobService, repository: JobRepository, storage: Storage, wait_s: float
+        self,
+        jobs: JobService,
+        repository: JobRepository,
+        storage: Storage,
+        *,
+        wait_s: float,
+        max_waiting: int,
     ) -> None:
         self._jobs = jobs
         self._repository = repository
         self._storage = storage
         self._wait_s = wait_s
+        self._max_waiting = max_waiting
+        self._waiting = 0
 
     def models(self) -> ModelList:
         return ModelList(data=[model_object(name) for name in JOB_TYPES])
@@ -433,14 +477,44 @@ class OpenAICompatService:
         response_format: str,
         idempotency_key: str | None,
         recorded: dict[str, Any],
+        reference_upload: bytes | None = None,
     ) -> ImagesResponse:
         """Submit the job, wait for it, answer its images. A client that goes away loses
-        nothing: the job is already stored, finishes, and stays in the user's jobs."""
-        job, _created = await self._jobs.submit(
-            request, principal, idempotency_key, openai_request=recorded
-        )
-        finished = await self._jobs.wait_until_finished(job.id, principal, self._wait_s)
-        raise_unless_completed(finished)
+        nothing: the job is already stored, finishes, and stays in the user's jobs.
+
+        At most ``max_waiting`` requests wait at once on this replica (each holds one of the
+        ingress's ongoing requests); past it, a 429 before anything is stored. Any error
+        once the job is stored names it (``details.job_id``), so a client can find it and is
+        told not to retry into a second job.
+        """
+        _require_end_user(request, principal)
+        if self._waiting >= self._max_waiting:
+            raise TooManyWaitingRequests(
+                f"{self._waiting} image requests are waiting on this replica already; retry, "
+                "or submit with POST /v1/jobs and follow its events",
+                retry_after_s=WAITING_RETRY_AFTER_S,
+            )
+        self._waiting += 1
+        try:
+            job, _created = await self._jobs.submit(
+                request,
+                principal,
+                idempotency_key,
+                openai_request=recorded,
+                reference_upload=reference_upload,
+            )
+            try:
+                finished = await self._jobs.wait_until_finished(job.id, principal, self._wait_s)
+                raise_unless_completed(finished)
+                return await self._images_of(finished, response_format)
+            except OurVidzError as exc:
+                if exc.details is None or isinstance(exc.details, dict):
+                    exc.details = {**(exc.details or {}), "job_id": str(job.id)}
+                raise
+        finally:
+            self._waiting -= 1
+
+    async def _images_of(self, finished: JobResource, response_format: str) -> ImagesResponse:
         images = [asset for asset in finished.assets if asset.kind is AssetKind.IMAGE]
         if response_format == "b64_json":
             blobs = await asyncio.gather(
@@ -471,6 +545,7 @@ class OpenAICompatService:
         idempotency_key: str | None,
         recorded: dict[str, Any],
     ) -> VideoObject:
+        _require_end_user(request, principal)
         job, _created = await self._jobs.submit(
             request, principal, idempotency_key, openai_request=recorded
         )
@@ -483,7 +558,7 @@ class OpenAICompatService:
         except ValueError:
             raise NotFound(f"no video {video_id!r}") from None
         try:
-            job = await self._jobs.get(job_id, principal)
+            job = await self._jobs.resource(job_id, principal)
         except NotFound:
             raise NotFound(f"no video {video_id!r}") from None
         if job.job_type not in VIDEO_MODELS:
@@ -531,8 +606,9 @@ class OpenAICompatService:
 
     async def video_content(
         self, video_id: str, principal: Principal, variant: str
-    ) -> tuple[bytes, str]:
-        """``(bytes, media type)`` of the MP4 or its WebP poster."""
+    ) -> VideoContent:
+        """Where the MP4 or its WebP poster is: a local file to stream from disk, or a signed
+        URL to send the client to (object storage serves the bytes, not the ingress)."""
         job = await self._video(video_id, principal)
         if variant not in ("video", "thumbnail"):
             raise InvalidRequest(
@@ -548,9 +624,13 @@ class OpenAICompatService:
                 "it is completed",
                 param="video_id",
             )
+        key, media_type = asset.path, "video/mp4"
         if variant == "thumbnail":
             poster = asset.metadata.get("thumbnail_path")
             if not poster:
                 raise NotFound(f"video {video_id} has no thumbnail")
-            return await self._storage.get(asset.bucket, str(poster)), "image/webp"
-        return await self._storage.get(asset.bucket, asset.path), "video/mp4"
+            key, media_type = str(poster), "image/webp"
+        if isinstance(self._storage, LocalStorage):
+            path = await self._storage.open_for_download(asset.bucket, key)
+            return VideoContent(media_type, path=path)
+        return VideoContent(media_type, url=await self._storage.signed_url(asset.bucket, key))

@@ -30,16 +30,18 @@ MAX_METADATA_DEPTH = 8
 
 # The seed's queue-job payload carried generation options inside `metadata`; they are lifted
 # to the top level when the top level does not set them.
-_LIFTED_FROM_METADATA = (
-    "prompt",
-    "seed",
-    "num_images",
-    "negative_prompt",
-    "reference_image_url",
-    "reference_image_key",
-    "reference_type",
-    "reference_strength",
-    "frame_num",
+LIFTED_FROM_METADATA = frozenset(
+    {
+        "prompt",
+        "seed",
+        "num_images",
+        "negative_prompt",
+        "reference_image_url",
+        "reference_image_key",
+        "reference_type",
+        "reference_strength",
+        "frame_num",
+    }
 )
 
 
@@ -126,7 +128,7 @@ class JobRequest(BaseModel):
         data = {key: value for key, value in data.items() if value is not None}
         if isinstance(data.get("metadata"), dict):
             metadata = dict(data["metadata"])
-            for name in _LIFTED_FROM_METADATA:
+            for name in sorted(LIFTED_FROM_METADATA):
                 value = metadata.pop(name, None)
                 if value is not None and name not in data:
                     data[name] = value

@@ -72,6 +72,7 @@ class JobService:
         idempotency_key: str | None = None,
         *,
         openai_request: dict[str, Any] | None = None,
+        reference_upload: bytes | None = None,
     ) -> tuple[JobResource, bool]:
         """Check, persist the job and its asset rows; return ``(job, created)``.
 
@@ -94,6 +95,11 @@ class JobService:
             await self._references.ensure_usable(request.reference_image_key, user_id)
         elif request.reference_image_url is not None:
             stored = await self._references.fetch(request.reference_image_url, user_id)
+            request = request.model_copy(update={"reference_image_key": stored.key})
+        elif reference_upload is not None:
+            # An upload with the request (OpenAI's image edits): checked and stored like
+            # POST /v1/references, after the cheap refusals.
+            stored = await self._references.store(reference_upload, user_id)
             request = request.model_copy(update={"reference_image_key": stored.key})
         plan = plan_job(
             request,
@@ -165,33 +171,41 @@ class JobService:
         """The job once it has ended, told by the event hub (no polling loop: the row is read
         when a terminal status arrives, and every ``EVENTS_RECHECK_S`` in case a notification
         was lost). Past ``timeout_s``, ``GenerationTimeout`` naming the job, which goes on."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
         async with self._events.subscribe(job_id) as queue:
             # Subscribed before reading, so an end between the two is not missed.
             job = await self._visible(job_id, principal)
-            try:
-                async with asyncio.timeout(timeout_s):
-                    while job.status not in TERMINAL_STATUSES:
-                        try:
-                            event = await asyncio.wait_for(queue.get(), EVENTS_RECHECK_S)
-                        except TimeoutError:
-                            job = await self._visible(job_id, principal)
-                            continue
-                        if event.get("type") == "status" and event.get("status") in _TERMINAL:
-                            job = await self._visible(job_id, principal)
-            except TimeoutError:
-                raise GenerationTimeout(
-                    f"job {job_id} has not finished after {timeout_s:g} s; it goes on: fetch it "
-                    f"from GET /v1/jobs/{job_id}",
-                    details={"job_id": str(job_id), "status": job.status.value},
-                ) from None
+            while job.status not in TERMINAL_STATUSES:
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise GenerationTimeout(
+                        f"job {job_id} has not finished after {timeout_s:g} s; it goes on: "
+                        f"fetch it from GET /v1/jobs/{job_id}",
+                        details={"job_id": str(job_id), "status": job.status.value},
+                    )
+                try:
+                    # One deadline, no timeout nested in another: neither can swallow the other.
+                    event = await asyncio.wait_for(queue.get(), min(EVENTS_RECHECK_S, remaining))
+                except TimeoutError:
+                    job = await self._visible(job_id, principal)
+                    continue
+                if event.get("type") == "status" and event.get("status") in _TERMINAL:
+                    job = await self._visible(job_id, principal)
         return await self.to_resource(job)
 
-    async def delete_files(self, job_id: UUID, principal: Principal) -> JobRecord:
+    async def resource(self, job_id: UUID, principal: Principal) -> JobResource:
+        """The job as ``get`` answers it, without its callbacks and place in the queue."""
+        return await self.to_resource(await self._visible(job_id, principal))
+
+    async def delete_files(self, job_id: UUID, principal: Principal) -> None:
         """Cancel the job if unfinished, delete every file it stored, and mark it expired
         (its downloads answer 410 from then on). Its rows stay: it is still the user's job.
 
-        Files first, then the mark, so that a retry after a storage error finishes the work;
-        a cancelled attempt still running deletes what it stores itself (it is fenced out).
+        Files first, then the mark, so that a retry after a storage error finishes the work.
+        A job that was running is not marked: its cancelled attempt may still store a file
+        (it deletes what it stores once fenced out, and the retention sweep's orphan pass
+        looks only at unexpired jobs, so it stays their safety net).
         """
         job = await self._visible(job_id, principal)
         was = await self._repository.cancel_job(job_id)
@@ -200,8 +214,8 @@ class JobService:
         bucket = JOB_TYPES[job.job_type].bucket
         for key in await self._storage.list_keys(bucket, f"{job.user_id}/{job.id}"):
             await self._storage.delete(bucket, key)
-        await self._repository.mark_expired([job_id])
-        return await self._visible(job_id, principal)
+        if was is not JobStatus.PROCESSING:
+            await self._repository.mark_expired([job_id])
 
     async def events(
         self, job_id: UUID, principal: Principal

@@ -507,3 +507,108 @@ async def test_an_idempotency_key_replays_the_same_video(idle, pool):
     assert await row_counts(pool) == (1, 0, 1)
     changed = await idle.post("/v1/videos", json=body | {"seconds": "4"}, headers=headers)
     assert_openai_error(changed, 409, "invalid_request_error", "conflict")
+    # OpenAI's SDKs retry a 409; this one would never succeed.
+    assert changed.headers["x-should-retry"] == "false"
+
+
+async def test_a_service_key_must_name_the_end_user(idle, pool):
+    for path, body in (
+        ("/v1/images/generations", {"prompt": "a cat"}),
+        ("/v1/videos", {"prompt": "a cat"}),
+    ):
+        response = await idle.post(path, json=body, headers=SERVICE)
+        assert_openai_error(response, 400, "invalid_request_error", "invalid_request", "user")
+    assert await row_counts(pool) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("key", ["seed", "reference_image_url", "frame_num", "prompt"])
+async def test_metadata_may_not_carry_generation_options(idle, pool, key):
+    metadata = {key: "https://example.com/a.png" if key.endswith("url") else 3}
+    for path in ("/v1/images/generations", "/v1/videos"):
+        response = await idle.post(path, json=generate(metadata=metadata), headers=SERVICE)
+        error = assert_openai_error(
+            response, 400, "invalid_request_error", "invalid_request", "metadata"
+        )
+        assert key in error["message"]
+    assert await row_counts(pool) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("metadata", ["[" * 100_000, "not json", "[1, 2]"])
+async def test_form_metadata_that_is_not_a_json_object_is_a_400(idle, pool, metadata):
+    response = await idle.post(
+        "/v1/videos", data={"prompt": "waves", "user": USER, "metadata": metadata}, headers=SERVICE
+    )
+    assert_openai_error(response, 400, "invalid_request_error", "invalid_request", "metadata")
+    assert await row_counts(pool) == (0, 0, 0)
+
+
+async def test_a_body_that_is_not_json_names_no_field(idle):
+    response = await idle.post(
+        "/v1/images/generations",
+        content=b'{"prompt": ',
+        headers=SERVICE | {"Content-Type": "application/json"},
+    )
+    assert_openai_error(response, 400, "invalid_request_error", "invalid_request", None)
+
+
+async def test_a_refused_edit_stores_neither_a_job_nor_the_upload(idle, pool, secure_settings):
+    response = await idle.post(
+        "/v1/images/edits",
+        data={"prompt": "nude photo of a 12 year old girl", "user": USER},
+        files={"image": ("a.png", png_bytes(), "image/png")},
+        headers=SERVICE,
+    )
+    assert_openai_error(response, 400, "invalid_request_error", "prompt_refused")
+    assert await row_counts(pool) == (0, 0, 0)
+    assert not [path for path in secure_settings.local_storage_dir.rglob("*") if path.is_file()]
+
+
+async def test_waiting_requests_beyond_the_replicas_cap_get_a_429_before_any_row(
+    secure_settings, tiny_models, repository, pool
+):
+    settings = secure_settings.model_copy(update={"openai_wait_s": 30.0, "openai_max_waiting": 1})
+    async with serving(settings, tiny_models) as http:
+        first = asyncio.create_task(
+            http.post("/v1/images/generations", json=generate(), headers=SERVICE)
+        )
+
+        async def submitted() -> bool:
+            return bool(await pool.fetchval("SELECT count(*) FROM jobs"))
+
+        await eventually(submitted, what="the first job row")
+        second = await http.post("/v1/images/generations", json=generate(), headers=SERVICE)
+        assert_openai_error(second, 429, "rate_limit_error", "too_many_waiting_requests")
+        assert int(second.headers["Retry-After"]) >= 1
+        assert await row_counts(pool) == (1, 1, 0)
+        first.cancel()
+
+
+async def test_deleting_a_running_video_cancels_it_and_deletes_its_files(
+    running, repository, secure_settings
+):
+    response = await running.post(
+        "/v1/videos",
+        json={"model": "video_high", "prompt": "a storm", "seconds": "7.5", "user": USER},
+        headers=SERVICE,
+    )
+    video_id = response.json()["id"]
+
+    async def started() -> bool:
+        video = (await running.get(f"/v1/videos/{video_id}", headers=SERVICE)).json()
+        assert video["status"] in ("queued", "in_progress"), video
+        return video["status"] == "in_progress"
+
+    await eventually(started, timeout_s=120, what="the video running")
+    deleted = await running.delete(f"/v1/videos/{video_id}", headers=SERVICE)
+    assert deleted.json()["deleted"] is True
+    job = await repository.get_job(UUID(video_id))
+    assert job is not None and job.status.value == "cancelled"
+    # Not marked expired: its fenced-out attempt may still store a file, and deletes it.
+    assert job.expired_at is None
+    content = await running.get(f"/v1/videos/{video_id}/content", headers=SERVICE)
+    assert_openai_error(content, 400, "invalid_request_error", "invalid_request", "video_id")
+
+    async def no_files() -> bool:
+        return not list(secure_settings.local_storage_dir.rglob(f"*{video_id}*"))
+
+    await eventually(no_files, timeout_s=60, what="the video's files gone")

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 
+from ourvidz_serve.api.errors import OPENAI_PATHS
 from ourvidz_serve.schemas import OPENAPI, SCHEMAS_DIR
 from tests.api.test_security_http import serving
 
@@ -67,3 +68,20 @@ async def test_the_job_events_route_documents_its_errors_as_json(source, live_do
         assert body["content"] == {
             "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
         }
+
+
+@pytest.mark.parametrize("source", ["served", "committed"])
+async def test_the_openai_routes_document_their_errors_in_openais_shape_and_no_422(
+    source, live_document
+):
+    document = live_document if source == "served" else committed_document()
+    openai_paths = [path for path in document["paths"] if path.startswith(OPENAI_PATHS)]
+    assert len(openai_paths) == 7, openai_paths
+    for path in openai_paths:
+        for operation in document["paths"][path].values():
+            errors = {s: r for s, r in operation["responses"].items() if s[0] in "45"}
+            assert "422" not in errors, path
+            assert "401" in errors, path
+            for response in errors.values():
+                schema = response["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/OpenAIErrorBody"}, path

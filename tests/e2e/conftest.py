@@ -85,8 +85,8 @@ def service(
         "OURVIDZ_CALLBACK_SECRET": CALLBACK_SECRET,
         "OURVIDZ_CALLBACK_POLL_INTERVAL_S": "0.5",
         # Image requests of the OpenAI routes wait for their job: fuzzed ones give up (504,
-        # naming the job) well inside schemathesis's request timeout of 30 s.
-        "OURVIDZ_OPENAI_WAIT_S": "20",
+        # naming the job) inside schemathesis's request timeout (test_security.py).
+        "OURVIDZ_OPENAI_WAIT_S": "60",
     }
     with run_service(
         workdir,

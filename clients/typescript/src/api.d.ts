@@ -411,7 +411,11 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** Video Content */
+        /**
+         * Video Content
+         * @description The file, streamed from local storage, or a 307 to its signed URL in object storage
+         *     (the SDKs follow it; curl needs -L).
+         */
         get: operations["video_content_v1_videos__video_id__content_get"];
         put?: never;
         post?: never;
@@ -2295,15 +2299,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -2366,15 +2361,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -2422,7 +2408,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImagesResponse"];
                 };
             };
-            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            /** @description The request is invalid: error.param names the field, error.code says why (invalid_request, prompt_refused, invalid_image, ...) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2449,6 +2435,15 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
             /** @description Conflict with an earlier request */
             409: {
                 headers: {
@@ -2467,15 +2462,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -2489,6 +2475,15 @@ export interface operations {
             };
             /** @description The job failed or was cancelled (generation_failed; the message names the job) */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Object storage failed; the request can be retried */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2600,7 +2595,7 @@ export interface operations {
                     "application/json": components["schemas"]["ImagesResponse"];
                 };
             };
-            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            /** @description The request is invalid: error.param names the field, error.code says why (invalid_request, prompt_refused, invalid_image, ...) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2627,6 +2622,15 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
             /** @description Conflict with an earlier request */
             409: {
                 headers: {
@@ -2645,15 +2649,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -2667,6 +2662,15 @@ export interface operations {
             };
             /** @description The job failed or was cancelled (generation_failed; the message names the job) */
             500: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["OpenAIErrorBody"];
+                };
+            };
+            /** @description Object storage failed; the request can be retried */
+            502: {
                 headers: {
                     [name: string]: unknown;
                 };
@@ -2721,7 +2725,7 @@ export interface operations {
                     "application/json": components["schemas"]["VideoList"];
                 };
             };
-            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            /** @description The request is invalid: error.param names the field, error.code says why (invalid_request, prompt_refused, invalid_image, ...) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2755,15 +2759,6 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
-                };
-            };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
@@ -2894,7 +2889,7 @@ export interface operations {
                     "application/json": components["schemas"]["VideoObject"];
                 };
             };
-            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            /** @description The request is invalid: error.param names the field, error.code says why (invalid_request, prompt_refused, invalid_image, ...) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -2937,15 +2932,6 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
-                };
-            };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
@@ -3010,15 +2996,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -3081,15 +3058,6 @@ export interface operations {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
                 };
             };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
-                };
-            };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
             429: {
                 headers: {
@@ -3147,7 +3115,14 @@ export interface operations {
                     "image/webp": unknown;
                 };
             };
-            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            /** @description Object storage: the file's signed URL, in Location */
+            307: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description The request is invalid: error.param names the field, error.code says why (invalid_request, prompt_refused, invalid_image, ...) */
             400: {
                 headers: {
                     [name: string]: unknown;
@@ -3181,15 +3156,6 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["OpenAIErrorBody"];
-                };
-            };
-            /** @description Validation Error */
-            422: {
-                headers: {
-                    [name: string]: unknown;
-                };
-                content: {
-                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
