@@ -10,7 +10,7 @@ TORCH_SPEC := torch==2.13.0
 CLIENT := clients/typescript
 NPM_STAMP := $(CLIENT)/node_modules/.installed
 
-.PHONY: serve test lint typecheck schemas clean pgbouncer
+.PHONY: serve test lint typecheck schemas clean pgbouncer chromium
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -33,7 +33,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-test: lint typecheck $(NPM_STAMP) pgbouncer
+test: lint typecheck $(NPM_STAMP) pgbouncer chromium
 	PATH=$(abspath $(BIN)):$$PATH $(BIN)/python -m pytest -ra
 
 # The tests run the service behind PgBouncer in transaction mode (as on Supabase): Debian's
@@ -45,6 +45,16 @@ pgbouncer:
 	}
 	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
 		echo "pgbouncer is required by the tests and could not be installed" >&2; exit 1; }
+
+# The console's browser tests drive Debian's chromium with Playwright (tests/e2e/test_console.py):
+# installed when missing, as pgbouncer is; the tests fail, never skip, without it.
+chromium:
+	@command -v chromium >/dev/null || { \
+		SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+		$$SUDO apt-get install -y chromium || { $$SUDO apt-get update && $$SUDO apt-get install -y chromium; }; \
+	}
+	@command -v chromium >/dev/null || { \
+		echo "chromium is required by the console tests and could not be installed" >&2; exit 1; }
 
 schemas: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m ourvidz_serve.schemas

@@ -185,6 +185,12 @@ class Settings(BaseSettings):
         description="How long POST /v1/images/generations and /v1/images/edits wait for their "
         "job; past it they answer 504 naming the job, which goes on (fetch it from /v1/jobs)",
     )
+    ray_dashboard_url: str | None = Field(
+        None, description="The Ray dashboard's URL, linked from the console's queue panel"
+    )
+    grafana_url: str | None = Field(
+        None, description="Grafana's URL (the service's dashboard), linked from the console"
+    )
     openai_max_waiting: int = Field(
         128,
         ge=1,

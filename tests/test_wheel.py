@@ -126,7 +126,10 @@ def test_the_wheel_holds_every_sql_file_and_the_whole_package_but_no_json_schema
     assert not [name for name in names if name.startswith("schemas/")]
     # pyproject.toml lists the packages: a subpackage missing there would be missing here.
     for file in (REPO / "ourvidz_serve").rglob("*"):
-        if file.suffix in {".py", ".json"} and "__pycache__" not in file.parts:
+        if (
+            file.suffix in {".py", ".json", ".html", ".js", ".css"}
+            and "__pycache__" not in file.parts
+        ):
             assert file.relative_to(REPO).as_posix() in names, file
 
 

@@ -11,6 +11,8 @@ from fastapi import FastAPI
 from ourvidz_serve import __version__
 from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.body_limit import BodySizeLimit
+from ourvidz_serve.api.console import ConsoleSecurityHeaders, content_security_policy
+from ourvidz_serve.api.console import router as console_router
 from ourvidz_serve.api.enhance import router as enhance_router
 from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
@@ -188,6 +190,8 @@ def create_app(
     app.include_router(metrics_router)
     app.include_router(scheduling_router)
     app.include_router(openai_router)
+    app.include_router(console_router)
+    app.add_middleware(ConsoleSecurityHeaders, policy=content_security_policy(settings))
     app.add_middleware(
         BodySizeLimit,
         default_limit=settings.max_body_bytes,

@@ -1,0 +1,1 @@
+"""The operator console: static files (``static/``) served by the ingress at ``/console``."""
