@@ -66,8 +66,13 @@ function onActingUserChange() {
     byId("acting-user").setAttribute("aria-invalid", "true");
     return;
   }
+  // A change event comes again on blur after a scripted one: reload only for a new user,
+  // or a page turned meanwhile would jump back to the first.
+  const changed = value !== loadActingUser();
   setActingUser(value);
-  browse.reload();
+  if (changed) {
+    browse.reload();
+  }
 }
 
 // ---- the regions --------------------------------------------------------------------------
