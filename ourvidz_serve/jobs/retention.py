@@ -21,6 +21,22 @@ DELETE_CONCURRENCY = 16
 _UUID_CHARS = 36
 
 
+async def delete_keys(storage: Storage, bucket: str, keys: list[str]) -> None:
+    """``DELETE_CONCURRENCY`` deletions at a time; the first ``StorageError`` stops all."""
+    pending = iter(keys)
+
+    async def drain() -> None:
+        for key in pending:
+            await storage.delete(bucket, key)
+
+    try:
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(DELETE_CONCURRENCY, len(keys))):
+                group.create_task(drain())
+    except* StorageError as errors:
+        raise errors.exceptions[0] from None
+
+
 class UserDataService:
     """Deletes everything kept about one user: jobs, asset rows, files, references, usage."""
 
@@ -65,24 +81,9 @@ class UserDataService:
         deleted = 0
         for bucket in LOGICAL_BUCKETS:
             keys = await self._storage.list_keys(bucket, f"{user_id}/")
-            await self._delete_keys(bucket, keys)
+            await delete_keys(self._storage, bucket, keys)
             deleted += len(keys)
         return deleted
-
-    async def _delete_keys(self, bucket: str, keys: list[str]) -> None:
-        """``DELETE_CONCURRENCY`` deletions at a time; the first ``StorageError`` stops all."""
-        pending = iter(keys)
-
-        async def drain() -> None:
-            for key in pending:
-                await self._storage.delete(bucket, key)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                for _ in range(min(DELETE_CONCURRENCY, len(keys))):
-                    group.create_task(drain())
-        except* StorageError as errors:
-            raise errors.exceptions[0] from None
 
 
 async def raise_if_expired(repository: JobRepository, bucket: str, key: str) -> None:

@@ -22,6 +22,7 @@ from ourvidz_serve.jobs.protocol import (
     JobStatus,
 )
 from ourvidz_serve.jobs.references import ReferenceService
+from ourvidz_serve.jobs.retention import delete_keys
 from ourvidz_serve.jobs.scheduling import QueueService, SchedulingPolicy, tier_of
 from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import AssetRecord, JobFilters, JobRecord, JobRepository
@@ -212,8 +213,8 @@ class JobService:
         if was in (JobStatus.QUEUED, JobStatus.PROCESSING):
             self._metrics.job_finished(job.job_type, JobStatus.CANCELLED.value)
         bucket = JOB_TYPES[job.job_type].bucket
-        for key in await self._storage.list_keys(bucket, f"{job.user_id}/{job.id}"):
-            await self._storage.delete(bucket, key)
+        keys = await self._storage.list_keys(bucket, f"{job.user_id}/{job.id}")
+        await delete_keys(self._storage, bucket, keys)
         if was is not JobStatus.PROCESSING:
             await self._repository.mark_expired([job_id])
 

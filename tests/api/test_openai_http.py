@@ -61,6 +61,19 @@ async def idle(secure_settings, tiny_models, repository) -> AsyncIterator[httpx.
         yield http
 
 
+async def start_waiting_request(http: httpx.AsyncClient, pool) -> asyncio.Task:
+    """An image request in flight, once its job row exists (it then waits for the job)."""
+    request = asyncio.create_task(
+        http.post("/v1/images/generations", json=generate(), headers=SERVICE)
+    )
+
+    async def submitted() -> bool:
+        return bool(await pool.fetchval("SELECT count(*) FROM jobs"))
+
+    await eventually(submitted, what="the job row")
+    return request
+
+
 def generate(**fields) -> dict:
     return {"prompt": "a lighthouse at dusk", "user": USER} | fields
 
@@ -210,14 +223,7 @@ async def test_a_job_cancelled_while_its_request_waits_is_a_500_not_to_be_retrie
     secure_settings, tiny_models, repository, pool
 ):
     async with serving(secure_settings, tiny_models) as http:
-        waiting = asyncio.create_task(
-            http.post("/v1/images/generations", json=generate(), headers=SERVICE)
-        )
-
-        async def submitted() -> bool:
-            return bool(await pool.fetchval("SELECT count(*) FROM jobs"))
-
-        await eventually(submitted, what="the job row")
+        waiting = await start_waiting_request(http, pool)
         job_id = await pool.fetchval("SELECT id FROM jobs")
         cancelled = await http.delete(f"/v1/jobs/{job_id}", headers=SERVICE)
         assert cancelled.status_code == 200
@@ -568,14 +574,7 @@ async def test_waiting_requests_beyond_the_replicas_cap_get_a_429_before_any_row
 ):
     settings = secure_settings.model_copy(update={"openai_wait_s": 30.0, "openai_max_waiting": 1})
     async with serving(settings, tiny_models) as http:
-        first = asyncio.create_task(
-            http.post("/v1/images/generations", json=generate(), headers=SERVICE)
-        )
-
-        async def submitted() -> bool:
-            return bool(await pool.fetchval("SELECT count(*) FROM jobs"))
-
-        await eventually(submitted, what="the first job row")
+        first = await start_waiting_request(http, pool)
         second = await http.post("/v1/images/generations", json=generate(), headers=SERVICE)
         assert_openai_error(second, 429, "rate_limit_error", "too_many_waiting_requests")
         assert int(second.headers["Retry-After"]) >= 1
