@@ -10,7 +10,7 @@ TORCH_SPEC := torch==2.13.0
 CLIENT := clients/typescript
 NPM_STAMP := $(CLIENT)/node_modules/.installed
 
-.PHONY: serve test lint typecheck schemas clean pgbouncer chromium
+.PHONY: serve test lint typecheck schemas clean pgbouncer chromium device-kit
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -59,6 +59,28 @@ chromium:
 schemas: $(STAMP) $(NPM_STAMP)
 	$(BIN)/python -m ourvidz_serve.schemas
 	cd $(CLIENT) && npm run --silent generate
+
+# The wheels benchmarks/gpu_check.sh installs on the GPU machine (CPython 3.12, manylinux
+# x86-64), whose image lacks them: the list, and why each is there, is benchmarks/device-kit.txt.
+# Emptied first: two versions of one package would stop the install there. A device call
+# carries at most 64 MiB, the working tree included, so the recipe fails above that.
+# (KIT_PYTHON_VERSION=3.11 KIT_DIR=... builds the same list for benchmarks/device_image_env.sh.)
+KIT_DIR ?= .whl
+KIT_PYTHON_VERSION ?= 3.12
+KIT_LIMIT_BYTES := 67108864
+
+device-kit:
+	rm -rf $(KIT_DIR)
+	python3 -m pip download --quiet --no-deps --only-binary=:all: \
+		--python-version $(KIT_PYTHON_VERSION) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d $(KIT_DIR) -r benchmarks/device-kit.txt
+	@ls -l $(KIT_DIR)
+	@kit=$$(cat $(KIT_DIR)/*.whl | wc -c); \
+	tree=$$(git ls-files -co --exclude-standard -z | du -cb --files0-from=- | tail -1 | cut -f1); \
+	echo "kit: $$kit bytes ($$((kit / 1048576)) MiB) in $$(ls $(KIT_DIR)/*.whl | wc -l) wheels;" \
+		"with the working tree ($$((tree / 1048576)) MiB): $$(((kit + tree) / 1048576)) MiB of 64"; \
+	test $$((kit + tree)) -le $(KIT_LIMIT_BYTES) || { echo "over the 64 MiB a device call carries" >&2; exit 1; }
 
 clean:
 	rm -rf $(VENV) .ourvidz .pytest_cache .mypy_cache .ruff_cache $(CLIENT)/node_modules

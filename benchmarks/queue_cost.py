@@ -481,7 +481,8 @@ async def explain_claim(pool: asyncpg.Pool, repository: JobRepository) -> list[s
     lines = []
     async with pool.acquire() as connection:
         await connection.execute(
-            f"PREPARE bench_claim(text, int, text, float8) AS {QUERIES['claim_jobs']}"
+            "PREPARE bench_claim(text, int, text, float8, text[], float8, int, text[]) AS "
+            + QUERIES["claim_jobs"]
         )
         try:
             for head in ("queue as filled", "lone batch key at the head"):
@@ -492,7 +493,9 @@ async def explain_claim(pool: asyncpg.Pool, repository: JobRepository) -> list[s
                     lines += await _explain_summary(
                         connection,
                         f"force_{mode}_plan",
-                        "EXECUTE bench_claim('sdxl_queue', 6, 'bench-explain', 600)",
+                        # As an SDXL replica claims: adapter affinity on, holding none.
+                        "EXECUTE bench_claim('sdxl_queue', 6, 'bench-explain', 600, '{}', 30, "
+                        "16, '{}')",
                     )
         finally:
             await connection.execute("DEALLOCATE bench_claim")

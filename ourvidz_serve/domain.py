@@ -58,3 +58,5 @@ class JobPlan:
     tier: Tier = Tier.STANDARD
     cost_s: float = 0.0
     """Expected GPU seconds: the catalog's expected time times the job's units."""
+    adapters: tuple[str, ...] = ()
+    """Content digests of the LoRAs the job applies (claims prefer replicas holding them)."""

@@ -36,6 +36,12 @@ class ImageRejected(InvalidRequest):
     code = "invalid_image"
 
 
+class LoraRejected(InvalidRequest):
+    """An uploaded LoRA is not one this service can load (format, tensor names, rank, size)."""
+
+    code = "invalid_lora"
+
+
 class UrlRefused(InvalidRequest):
     """A reference URL may not be fetched (scheme, address, redirect, size or time)."""
 

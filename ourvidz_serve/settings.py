@@ -55,6 +55,35 @@ class Settings(BaseSettings):
     )
     sdxl_ip_adapter_weight_name: str = "ip-adapter_sdxl.safetensors"
 
+    sdxl_lora_max_rank: int = Field(
+        128, ge=1, description="Highest LoRA rank an upload may have (POST /v1/loras)"
+    )
+    sdxl_lora_max_bytes: int = Field(
+        1 << 30, ge=1, description="Largest LoRA file an upload may be, in bytes"
+    )
+    sdxl_lora_cache: int = Field(
+        8,
+        ge=1,
+        description="LoRAs one SDXL replica keeps parsed in CPU memory (least recently used "
+        "goes first); the memory plan counts this many at the largest allowed size",
+    )
+    sdxl_max_loras_per_job: int = Field(
+        3, ge=1, le=8, description="LoRAs one SDXL job may name in `loras`"
+    )
+    lora_affinity_max_wait_s: float = Field(
+        30.0,
+        ge=0,
+        description="Longest a queued job waits because a replica prefers jobs whose LoRAs it "
+        "holds; 0 turns the preference off (plain fair order)",
+    )
+    lora_affinity_window: int = Field(
+        16,
+        ge=1,
+        le=1000,
+        description="How many jobs at the head of the fair order a claim looks at for one "
+        "whose LoRAs the replica holds",
+    )
+
     gpu_memory_gib: float | None = Field(
         None,
         gt=0,

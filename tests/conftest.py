@@ -66,6 +66,7 @@ TABLES = (
     "callback_deliveries",
     "fair_shares",
     "gpu_usage",
+    "loras",
 )
 SESSIONS_HOLDING_LOCKS = """
 SELECT pid, state, xact_start, wait_event, left(query, 200) AS query, pg_blocking_pids(pid)

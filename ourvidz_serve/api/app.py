@@ -16,6 +16,7 @@ from ourvidz_serve.api.console import router as console_router
 from ourvidz_serve.api.enhance import router as enhance_router
 from ourvidz_serve.api.errors import install_error_handlers
 from ourvidz_serve.api.jobs import router as jobs_router
+from ourvidz_serve.api.loras import router as loras_router
 from ourvidz_serve.api.metrics import router as metrics_router
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.api.openai_compat import UPLOAD_PATHS
@@ -29,6 +30,7 @@ from ourvidz_serve.api.users import router as users_router
 from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.loras import LoraService
 from ourvidz_serve.jobs.openai_compat import OpenAICompatService
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.retention import UserDataService
@@ -107,10 +109,18 @@ async def open_app_state(
         policy = PromptPolicy.from_settings(settings)
         scheduling = SchedulingPolicy.from_settings(settings)
         queues = QueueService(repository, models.replicas)
+        loras = LoraService(
+            repository,
+            storage,
+            max_rank=settings.sdxl_lora_max_rank,
+            max_bytes=settings.sdxl_lora_max_bytes,
+            max_per_job=settings.sdxl_max_loras_per_job,
+        )
         jobs = JobService(
             repository,
             storage,
             references=references,
+            loras=loras,
             policy=policy,
             limiter=limiter,
             events=events,
@@ -149,6 +159,7 @@ async def open_app_state(
                 wait_s=settings.openai_wait_s,
                 max_waiting=settings.openai_max_waiting,
             ),
+            loras=loras,
         )
 
 
@@ -185,6 +196,7 @@ def create_app(
     app.include_router(service_router)
     app.include_router(jobs_router)
     app.include_router(references_router)
+    app.include_router(loras_router)
     app.include_router(enhance_router)
     app.include_router(users_router)
     app.include_router(metrics_router)
@@ -197,8 +209,11 @@ def create_app(
         default_limit=settings.max_body_bytes,
         # An upload is an image plus the multipart framing around it.
         limits={
-            path: settings.reference_max_bytes + MULTIPART_OVERHEAD_BYTES
-            for path in (references_router.prefix, *UPLOAD_PATHS)
+            **{
+                path: settings.reference_max_bytes + MULTIPART_OVERHEAD_BYTES
+                for path in (references_router.prefix, *UPLOAD_PATHS)
+            },
+            loras_router.prefix: settings.sdxl_lora_max_bytes + MULTIPART_OVERHEAD_BYTES,
         },
     )
     return app

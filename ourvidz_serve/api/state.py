@@ -8,6 +8,7 @@ from ourvidz_serve.api.auth import Authenticator
 from ourvidz_serve.api.model_client import ModelClient
 from ourvidz_serve.jobs.enhancement import EnhancementService
 from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.loras import LoraService
 from ourvidz_serve.jobs.openai_compat import OpenAICompatService
 from ourvidz_serve.jobs.references import ReferenceService
 from ourvidz_serve.jobs.retention import UserDataService
@@ -38,3 +39,4 @@ class AppState:
     queues: QueueService
     usage: UsageService
     openai: OpenAICompatService
+    loras: LoraService

@@ -34,7 +34,7 @@ from ourvidz_serve.redaction import install_log_redaction
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, create_storage
 from ourvidz_serve.workers.callbacks import deliverer_from_settings
-from ourvidz_serve.workers.handlers import JobHandler
+from ourvidz_serve.workers.handlers import JobHandler, SDXLJobHandler
 from ourvidz_serve.workers.retention import RetentionSweeper
 from ourvidz_serve.workers.supervision import HealthCheck, ReplicaUnhealthy, Supervisor
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
@@ -145,15 +145,24 @@ class SDXLDeployment(_QueueWorkerReplica):
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
-        from ourvidz_serve.workers.handlers import SDXLJobHandler
 
         runner, self._gpu_share = await asyncio.to_thread(
             build_checked, self._deployment, settings, SDXLPipelineRunner.build
         )
         self._runner = runner
-        await self._start_worker(
-            settings, lambda storage, metrics: SDXLJobHandler(runner, storage, metrics)
-        )
+        self._lora_stats = lambda: runner.lora_stats.as_dict()
+
+        def handler(storage: Storage, metrics: Metrics) -> SDXLJobHandler:
+            self._handler = SDXLJobHandler(runner, storage, metrics)
+            return self._handler
+
+        await self._start_worker(settings, handler)
+
+    def ready(self) -> dict[str, Any]:
+        """The replica's report, with the LoRAs it holds (``/readyz`` lists them)."""
+        handler: SDXLJobHandler | None = getattr(self, "_handler", None)
+        resident = handler.resident_loras() if handler is not None else []
+        return super().ready() | {"loras": {"resident": resident, **self._lora_stats()}}
 
 
 @serve.deployment(name="WAN")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
@@ -50,9 +51,11 @@ def plan_job(
     now: datetime | None = None,
     tier: Tier = Tier.STANDARD,
     openai_request: dict[str, Any] | None = None,
+    lora_digests: Mapping[str, str] | None = None,
 ) -> JobPlan:
     """The job's rows. ``openai_request``: what an OpenAI-compatible route was asked (its
-    ``seconds``, ``size``, ...), recorded in the metadata as it was sent."""
+    ``seconds``, ``size``, ...), recorded in the metadata as it was sent. ``lora_digests``: the
+    registry's content digest of each LoRA the request names (checked by the caller)."""
     spec = JOB_TYPES[request.job_type]
     job_id = job_id or uuid4()
     seed = request.seed if request.seed is not None else secrets.randbelow(MAX_SEED + 1)
@@ -94,6 +97,14 @@ def plan_job(
             }
             if request.reference_image_url is not None:
                 system["reference_image_url"] = request.reference_image_url
+        if request.loras:
+            # The digest, not the name, is what runs: a name retired and uploaded again
+            # later names other weights, and this job keeps the ones it was submitted with.
+            digests = lora_digests or {}
+            system["loras"] = [
+                {"name": lora.name, "scale": lora.scale, "digest": digests[lora.name]}
+                for lora in request.loras
+            ]
     else:
         frame_num = spec.num_frames
         if spec.format is OutputFormat.VIDEO and request.frame_num is not None:
@@ -161,6 +172,7 @@ def plan_job(
         request_hash=request_fingerprint(request, user_id) if idempotency_key else None,
         asset_kind=kind,
         batch_key=batch_key(spec, system),
+        adapters=tuple(sorted({lora["digest"] for lora in system.get("loras", [])})),
         units=num_images if spec.model is ModelFamily.SDXL else 1,
         tier=tier,
         cost_s=float(system["expected_generation_time"]),
@@ -170,9 +182,14 @@ def plan_job(
 def batch_key(spec: JobTypeSpec, metadata: dict[str, Any]) -> str:
     """Jobs whose images can share one pipeline call have equal keys.
 
-    SDXL settings follow from the job type, except image-to-image and its strength. WAN runs
-    one job per call, so its key is just the job type.
+    SDXL settings follow from the job type, except image-to-image and its strength, and the
+    LoRAs with their scales, in order (the runner applies them in that order). WAN runs one
+    job per call, so its key is just the job type.
     """
+    key = spec.job_type
     if "reference_image_key" in metadata:
-        return f"{spec.job_type}:reference:{metadata['reference_strength']}"
-    return spec.job_type
+        key = f"{key}:reference:{metadata['reference_strength']}"
+    if metadata.get("loras"):
+        adapters = ",".join(f"{lora['digest']}@{lora['scale']!r}" for lora in metadata["loras"])
+        key = f"{key}:loras:{adapters}"
+    return key

@@ -54,7 +54,7 @@ RESERVED_METADATA_KEYS = frozenset(
         "negative_prompt_supported", "steps", "guidance_scale", "reference_image_key",
         "reference_image_url", "reference_type", "reference_strength", "frame_num",
         "frame_num_requested", "sample_steps", "sample_guide_scale", "sample_solver",
-        "sample_shift", "fps", "openai_request",
+        "sample_shift", "fps", "openai_request", "loras",
         # written while and after running (workers)
         "attempt", "enhancement_time", "pipeline_batch_images", "queue_wait_time",
         "original_prompt", "enhanced_prompt", "enhancement_fallback",
@@ -67,6 +67,23 @@ RESERVED_METADATA_KEYS = frozenset(
     }
 )  # fmt: skip
 """Job metadata the service writes; a client's ``metadata`` may not set them."""
+
+
+LORA_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""A registry name: also checked by migration 0009's table."""
+LORA_SCALE_RANGE = (-2.0, 2.0)
+"""A LoRA's scale in a job: 0 is the base model, 1 the LoRA as trained, negative inverts it."""
+MAX_LORAS_IN_REQUEST = 8
+"""The schema's bound; the configured count (``OURVIDZ_SDXL_MAX_LORAS_PER_JOB``) is lower."""
+
+
+class LoraChoice(BaseModel):
+    """One LoRA of the registry applied to an SDXL job."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    name: str = Field(pattern=LORA_NAME_PATTERN, description="A name from GET /v1/loras")
+    scale: float = Field(1.0, ge=LORA_SCALE_RANGE[0], le=LORA_SCALE_RANGE[1])
 
 
 def _depth(value: Any) -> int:
@@ -113,6 +130,11 @@ class JobRequest(BaseModel):
     video_id: UUID | None = Field(None, validation_alias=AliasChoices("video_id", "videoId"))
     image_id: UUID | None = Field(None, validation_alias=AliasChoices("image_id", "imageId"))
     metadata: dict[str, Any] = Field(default_factory=dict)
+    loras: list[LoraChoice] = Field(
+        default_factory=list,
+        max_length=MAX_LORAS_IN_REQUEST,
+        description="SDXL job types: LoRAs of the registry and their scales, applied in order",
+    )
     tier: Tier | None = Field(
         None,
         description="Service tier (fair share and quota): any with a service key; a user's "
@@ -165,13 +187,17 @@ class JobRequest(BaseModel):
             )
         if spec.model is not ModelFamily.SDXL:
             sdxl_only = ("negative_prompt", "reference_image_url", "reference_image_key")
-            for name in (*sdxl_only, "reference_type", "reference_strength"):
+            for name in (*sdxl_only, "reference_type", "reference_strength", "loras"):
                 if name in self.model_fields_set:
                     raise ValueError(f"{name} is only supported by SDXL job types")
         if self.frame_num is not None and spec.format is not OutputFormat.VIDEO:
             raise ValueError("frame_num is only supported by WAN video job types")
         if self.reference_image_url is not None and self.reference_image_key is not None:
             raise ValueError("give reference_image_url or reference_image_key, not both")
+        names = [lora.name for lora in self.loras]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"LoRAs {repeated} are named more than once; name each once")
         return self
 
 

@@ -11,6 +11,7 @@ from ourvidz_serve.catalog import JOB_TYPES
 from ourvidz_serve.errors import Conflict, Forbidden, GenerationTimeout, InvalidRequest, NotFound
 from ourvidz_serve.jobs.events import JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.loras import LoraService
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import (
@@ -43,6 +44,7 @@ class JobService:
         storage: Storage,
         *,
         references: ReferenceService,
+        loras: LoraService,
         policy: PromptPolicy,
         limiter: RateLimiter,
         events: JobEventHub,
@@ -54,6 +56,7 @@ class JobService:
         queues: QueueService | None = None,
     ) -> None:
         self._repository = repository
+        self._loras = loras
         self._queues = queues
         self._scheduling = scheduling or SchedulingPolicy()
         self._callbacks = callbacks
@@ -92,6 +95,7 @@ class JobService:
         await self._policy.check_request(request.prompt, request.negative_prompt)
         if principal.is_service:
             await self._limiter.spend_for_user(user_id)
+        lora_digests = await self._loras.resolve(request.loras)
         if request.reference_image_key is not None:
             await self._references.ensure_usable(request.reference_image_key, user_id)
         elif request.reference_image_url is not None:
@@ -108,6 +112,7 @@ class JobService:
             idempotency_key=idempotency_key,
             tier=tier,
             openai_request=openai_request,
+            lora_digests=lora_digests,
         )
         # A user's quota is their own tier's, even for a job they lowered to bulk.
         quota = self._scheduling.quota(

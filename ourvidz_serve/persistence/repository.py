@@ -207,9 +207,16 @@ _JOB_COLUMNS = """
 
 _JOB_FIELDS = [name.strip() for name in _JOB_COLUMNS.split(",")]
 
+_LORA_COLUMNS = """
+    name, digest, storage_key, rank, size_bytes, format, dtype, targets, created_by, created_at,
+    retired_at
+"""
+_LORA_FIELDS = [name.strip() for name in _LORA_COLUMNS.split(",")]
+
 QUERIES = load_queries(
     substitutions={
         "job_columns": _JOB_COLUMNS.strip(),
+        "lora_columns": _LORA_COLUMNS.strip(),
         "notify_channel": NOTIFY_CHANNEL,
         "cancel_channel": CANCEL_CHANNEL,
         "events_channel": EVENTS_CHANNEL,
@@ -228,6 +235,50 @@ _ASSETS_OF_JOBS = """
       FROM videos WHERE job_id = ANY($1::uuid[])
     ORDER BY job_id, idx
 """
+
+
+CLAIM_WINDOW = 16
+"""Jobs at the head of fair order a claim without adapter preference looks at."""
+
+
+@dataclass(frozen=True)
+class AdapterAffinity:
+    """What a claim may prefer: jobs whose LoRAs the claiming replica already holds."""
+
+    active: Sequence[str]
+    """Content digests of the LoRAs in the replica's pipeline now (nothing to load)."""
+    cached: Sequence[str]
+    """Content digests of the LoRAs in its CPU cache (nothing to download)."""
+    max_wait_s: float
+    """A job waiting this long since submission takes its fair place again."""
+    window: int
+    """How many jobs at the head of the fair order the preference looks at."""
+
+
+@dataclass(frozen=True)
+class LoraRecord:
+    """A row of the LoRA registry."""
+
+    name: str
+    digest: str
+    storage_key: str
+    rank: int
+    size_bytes: int
+    format: str
+    dtype: str
+    targets: list[str]
+    created_by: str
+    created_at: datetime
+    retired_at: datetime | None
+
+
+def lora_name_taken(name: str) -> Conflict:
+    """The answer to a second live LoRA of one name."""
+    return Conflict(
+        f"a LoRA named {name!r} exists; delete it first or choose another name",
+        details={"name": name},
+        param="name",
+    )
 
 
 def encode_cursor(created_at: datetime, job_id: UUID) -> str:
@@ -378,6 +429,7 @@ class JobRepository:
                 plan.tier.value,
                 plan.cost_s,
                 weight,
+                list(plan.adapters),
             )
             if job_row is None:
                 return await self._existing_idempotent_job(connection, plan), False
@@ -535,19 +587,40 @@ class JobRepository:
         return jobs, next_cursor
 
     async def claim_jobs(
-        self, queue: str, free_units: int, worker_id: str, lease_s: float
+        self,
+        queue: str,
+        free_units: int,
+        worker_id: str,
+        lease_s: float,
+        affinity: AdapterAffinity | None = None,
     ) -> list[JobRecord]:
-        """Claim the oldest queued job and jobs that can share its pipeline call.
+        """Claim the first queued job in fair order and jobs that can share its pipeline call.
 
         At most ``free_units`` units are claimed; each claimed job is ``processing`` under a
         lease of ``lease_s`` held by ``worker_id``, with its attempt number incremented.
-        ``FOR UPDATE SKIP LOCKED`` lets any number of workers claim at once.
+        ``FOR UPDATE SKIP LOCKED`` lets any number of workers claim at once. With an
+        ``affinity``, a job near the head whose LoRAs the worker holds may go first, for a
+        while (see the query's comment).
         """
         if free_units <= 0:
             return []
+        active = list(affinity.active) if affinity is not None else None
+        cached = list(affinity.cached) if affinity is not None else []
+        max_wait_s = affinity.max_wait_s if affinity is not None else 0.0
+        # The window also bounds how many jobs a claim passes over that other replicas are
+        # claiming at the same moment (SKIP LOCKED).
+        window = affinity.window if affinity is not None else CLAIM_WINDOW
         async with self._connection() as connection:
             rows = await connection.fetch(
-                QUERIES["claim_jobs"], queue, free_units, worker_id, float(lease_s)
+                QUERIES["claim_jobs"],
+                queue,
+                free_units,
+                worker_id,
+                float(lease_s),
+                active,
+                float(max_wait_s),
+                window,
+                cached,
             )
         jobs = [_job_record(row, _claimed_assets(row)) for row in rows]
         return sorted(jobs, key=lambda job: (job.created_at, job.id))
@@ -890,6 +963,57 @@ class JobRepository:
             rate_limits=int(counts["rate_limits"]),
         )
 
+    async def insert_lora(
+        self,
+        *,
+        name: str,
+        digest: str,
+        storage_key: str,
+        rank: int,
+        size_bytes: int,
+        format: str,
+        dtype: str,
+        targets: Sequence[str],
+        created_by: str,
+    ) -> LoraRecord:
+        """A new live registry row; ``Conflict`` when the name is live already."""
+        async with self._connection() as connection:
+            try:
+                row = await connection.fetchrow(
+                    QUERIES["insert_lora"],
+                    name,
+                    digest,
+                    storage_key,
+                    rank,
+                    size_bytes,
+                    format,
+                    dtype,
+                    list(targets),
+                    created_by,
+                )
+            except asyncpg.UniqueViolationError:
+                raise lora_name_taken(name) from None
+        return _lora_record(row)
+
+    async def list_loras(self) -> list[LoraRecord]:
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["list_loras"])
+        return [_lora_record(row) for row in rows]
+
+    async def live_loras(self, names: Sequence[str]) -> dict[str, LoraRecord]:
+        """The live rows of ``names``, by name (unknown and retired names are absent)."""
+        if not names:
+            return {}
+        async with self._connection() as connection:
+            rows = await connection.fetch(QUERIES["live_loras"], list(names))
+        return {row["name"]: _lora_record(row) for row in rows}
+
+    async def retire_lora(self, name: str) -> LoraRecord | None:
+        """Retire a live name; None when no live row has it."""
+        async with self._connection() as connection:
+            row = await connection.fetchrow(QUERIES["retire_lora"], name)
+        return _lora_record(row) if row is not None else None
+
     async def listen(
         self,
         on_queued: Callable[[str], None],
@@ -1005,6 +1129,10 @@ def _closed(connection: asyncpg.Connection) -> bool:
         return bool(connection.is_closed())
     except asyncpg.InterfaceError:
         return True
+
+
+def _lora_record(row: asyncpg.Record) -> LoraRecord:
+    return LoraRecord(**{field: row[field] for field in _LORA_FIELDS})
 
 
 def _asset_record(row: asyncpg.Record) -> AssetRecord:

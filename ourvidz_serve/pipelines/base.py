@@ -23,6 +23,15 @@ class EnhanceTarget(StrEnum):
 
 
 @dataclass(frozen=True)
+class LoraWeight:
+    """One LoRA applied to an image: its content digest (sha256 hex of the .safetensors file,
+    the adapter's identity) and its scale."""
+
+    digest: str
+    scale: float
+
+
+@dataclass(frozen=True)
 class ImageRequest:
     """One SDXL image. A job of N images is N requests with seeds S..S+N-1."""
 
@@ -37,6 +46,9 @@ class ImageRequest:
     """Encoded reference image (PNG/JPEG/WebP); when set the image-to-image pipeline runs."""
     reference_strength: float = 0.7
     reference_type: ReferenceType = ReferenceType.STYLE
+    loras: tuple[LoraWeight, ...] = ()
+    """LoRAs applied in this order, each at its scale; every digest must be in the runner's
+    CPU cache (``add_lora``). Only requests with the same LoRAs and scales share a call."""
 
 
 @dataclass(frozen=True)

@@ -255,6 +255,46 @@ def model_weights(deployment: str, tiny: bool = False) -> tuple[ComponentWeights
     raise ValueError(f"{deployment!r} is not a model deployment ({', '.join(MODEL_DEPLOYMENTS)})")
 
 
+LORA_DTYPE_BYTES = 2
+"""Adapters are held in the pipeline's float16 on the GPU, whatever dtype their file has."""
+
+
+@functools.cache
+def lora_parameters_per_rank(tiny: bool = False) -> int:
+    """Parameters one rank of an SDXL LoRA adds at most: a down and an up matrix for every
+    Linear and Conv2d of the UNet and both text encoders (``fan_in + fan_out`` each), the
+    most any file the upload accepts can target. Counted on the meta device, like the weights.
+    """
+    from ourvidz_serve.pipelines import sdxl
+
+    configs = sdxl.TINY_CONFIGS if tiny else sdxl.SDXL_BASE_CONFIGS
+    pipe = sdxl.build_random_sdxl_pipeline(configs, torch.device("meta"), torch.float16)
+    total = 0
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        for module in getattr(pipe, part).modules():
+            if isinstance(module, torch.nn.Linear):
+                total += module.in_features + module.out_features
+            elif isinstance(module, torch.nn.Conv2d):
+                kernel = module.kernel_size[0] * module.kernel_size[1]
+                total += module.in_channels // module.groups * kernel + module.out_channels
+    return total
+
+
+def lora_bytes(settings: Settings) -> dict[str, int]:
+    """An SDXL replica's adapters: on the GPU, one call's LoRAs (``sdxl_max_loras_per_job``,
+    or the hotswap slots) at the largest rank an upload may have; in host memory, the CPU
+    cache (``sdxl_lora_cache`` adapters of that size, at most ``sdxl_lora_max_bytes`` each).
+    Typical LoRAs (rank 16 to 64, attention layers only) are far smaller."""
+    tiny = settings.model_profile is ModelProfile.TINY
+    one = lora_parameters_per_rank(tiny) * settings.sdxl_lora_max_rank * LORA_DTYPE_BYTES
+    # A file's float32 copy would be twice the GPU's float16 one, but never above the cap.
+    cached = min(2 * one, settings.sdxl_lora_max_bytes)
+    return {
+        "gpu": settings.sdxl_max_loras_per_job * one,
+        "host": settings.sdxl_lora_cache * cached,
+    }
+
+
 def ip_adapter_bytes(folder: Path, weight_name: str) -> int:
     """Bytes of an SDXL IP-Adapter (image encoder and adapter, stored in float16).
 
@@ -397,6 +437,8 @@ class ReplicaNeed:
     activations: Activations
     context_bytes: int = CUDA_CONTEXT_BYTES
     extra_weights: dict[str, int] = field(default_factory=dict)
+    host_bytes: dict[str, int] = field(default_factory=dict)
+    """What the replica keeps in host (CPU) memory beside its GPU weights, by name."""
 
     @property
     def weight_bytes(self) -> int:
@@ -424,6 +466,7 @@ class ReplicaNeed:
             "weights": [c.to_dict() for c in self.components],
             "extra_weights": dict(self.extra_weights),
             "weight_bytes": self.weight_bytes,
+            "host_bytes": dict(self.host_bytes),
             "activation_phases": dict(self.activations.phases),
             "activation_peak_phase": self.activations.peak_phase,
             "activation_bytes": self.activation_bytes,
@@ -446,6 +489,7 @@ def replica_need(deployment: str, settings: Settings) -> ReplicaNeed:
     components = model_weights(deployment, tiny)
     by_name = {c.name: c for c in components}
     extra: dict[str, int] = {}
+    host: dict[str, int] = {}
     if deployment == SDXL:
         from ourvidz_serve.pipelines import sdxl
 
@@ -464,6 +508,9 @@ def replica_need(deployment: str, settings: Settings) -> ReplicaNeed:
             extra["ip_adapter"] = ip_adapter_bytes(
                 settings.sdxl_ip_adapter, settings.sdxl_ip_adapter_weight_name
             )
+        adapters = lora_bytes(settings)
+        extra["loras"] = adapters["gpu"]
+        host["lora_cache"] = adapters["host"]
     elif deployment == WAN:
         from ourvidz_serve.pipelines import wan
 
@@ -490,7 +537,7 @@ def replica_need(deployment: str, settings: Settings) -> ReplicaNeed:
         raise ValueError(
             f"{deployment!r} is not a model deployment ({', '.join(MODEL_DEPLOYMENTS)})"
         )
-    return ReplicaNeed(deployment, components, activations, extra_weights=extra)
+    return ReplicaNeed(deployment, components, activations, extra_weights=extra, host_bytes=host)
 
 
 # --- Deployment profiles (Ray Serve config files) --------------------------------------------

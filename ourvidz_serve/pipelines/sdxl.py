@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from transformers import (
 )
 
 from ourvidz_serve.catalog import ReferenceType
-from ourvidz_serve.errors import InvalidRequest, ModelLoadError
+from ourvidz_serve.errors import InvalidRequest, LoraRejected, ModelLoadError
 from ourvidz_serve.pipelines.accel import (
     AccelerationOptions,
     apply_acceleration,
@@ -46,10 +47,24 @@ from ourvidz_serve.pipelines.accel import (
 from ourvidz_serve.pipelines.base import (
     EncodedAsset,
     ImageRequest,
+    LoraWeight,
     StepCallback,
 )
 from ourvidz_serve.pipelines.devices import random_init, resolve_device
 from ourvidz_serve.pipelines.encode import encode_png
+from ourvidz_serve.pipelines.lora import (
+    Adapters,
+    HotswapAdapters,
+    LoraCache,
+    LoraNotLoaded,
+    LoraStats,
+    ParsedLora,
+    PipelineAdapters,
+    hotswap_unet_layers,
+    parse_sdxl_lora,
+    sdxl_lora_layers,
+    sha256_digest,
+)
 from ourvidz_serve.pipelines.oom import OOMSplitter
 from ourvidz_serve.pipelines.tokenizers import clip_tokenizer
 from ourvidz_serve.settings import ModelProfile, Settings
@@ -573,6 +588,15 @@ class _Prepared:
         return self.mode.denoising_strength(self.request.reference_strength)
 
     @property
+    def lora_key(self) -> tuple[tuple[str, float], ...]:
+        """The LoRAs this request runs with: (digest, scale) in the request's order.
+
+        A LoRA at scale 0 is the base model, and is left out: such a request batches with
+        requests without it, and its adapter is not put into the model for it.
+        """
+        return tuple((w.digest, float(w.scale)) for w in self.request.loras if w.scale != 0)
+
+    @property
     def group_key(self) -> tuple[object, ...]:
         """Requests with equal keys run as one batched pipeline call."""
         r = self.request
@@ -585,6 +609,7 @@ class _Prepared:
             reference_type,
             self.strength,
             r.negative_prompt is None,
+            self.lora_key,
         )
 
     @property
@@ -640,9 +665,22 @@ class _GroupProgress:
 WARM_UP_SIZE = (1024, 1024)
 """Requested size of the warm-up calls: the job types' size (the tiny profile's native one)."""
 
+_SETTING_DEFAULTS = Settings.model_fields
+DEFAULT_LORA_CACHE: int = _SETTING_DEFAULTS["sdxl_lora_cache"].default
+DEFAULT_LORA_MAX_RANK: int = _SETTING_DEFAULTS["sdxl_lora_max_rank"].default
+DEFAULT_MAX_LORAS_PER_JOB: int = _SETTING_DEFAULTS["sdxl_max_loras_per_job"].default
+
 
 class SDXLPipelineRunner:
-    """Batched SDXL generation; one image's pixels depend only on its own request."""
+    """Batched SDXL generation; one image's pixels depend only on its own request.
+
+    LoRAs: ``add_lora`` parses a file into a CPU cache of ``lora_cache`` parsed adapters
+    (least recently used evicted first); a request names cached ones by digest in
+    ``ImageRequest.loras``. Before each pipeline call the runner puts that call's adapters into
+    the model (both pipelines share the UNet and text encoders): see ``PipelineAdapters``, or
+    with a compiled UNet ``HotswapAdapters`` (``max_loras_per_job`` slots at rank
+    ``lora_max_rank``, hot-swapped without recompiling).
+    """
 
     def __init__(
         self,
@@ -651,6 +689,9 @@ class SDXLPipelineRunner:
         profile: ModelProfile,
         device: torch.device,
         acceleration: AccelerationOptions | None = None,
+        lora_cache: int = DEFAULT_LORA_CACHE,
+        lora_max_rank: int = DEFAULT_LORA_MAX_RANK,
+        max_loras_per_job: int = DEFAULT_MAX_LORAS_PER_JOB,
     ) -> None:
         self.profile = profile
         self.device = device
@@ -671,9 +712,39 @@ class SDXLPipelineRunner:
             self._ip_embedding = self._probe_ip_embedding()
         self.oom = OOMSplitter("SDXL")
         """Out-of-memory splits of this runner's pipeline calls (``splits``, ``exhausted``)."""
-        self.acceleration = apply_acceleration(
-            self.pipe, self.pipe.unet, acceleration or AccelerationOptions(), device
-        )
+        options = acceleration or AccelerationOptions()
+        if lora_cache < max_loras_per_job:
+            logger.warning(
+                "the SDXL LoRA cache holds %d LoRAs, fewer than the %d one image may use: "
+                "such an image can never run",
+                lora_cache,
+                max_loras_per_job,
+            )
+        self.lora_max_rank = lora_max_rank
+        self.max_loras_per_job = max_loras_per_job
+        self._loras = LoraCache(lora_cache)
+        self._unet_config = self.pipe.unet.config
+        self._lora_dtype = self.pipe.unet.dtype
+        # The layers' shapes before any adapter wraps them; add_lora reads only this copy.
+        self._lora_layers = sdxl_lora_layers(self.pipe)
+        self._hotswap_layers: set[str] | None = None
+        self._adapters: PipelineAdapters | HotswapAdapters
+        if options.torch_compile:
+            # Slots before compiling: the compiled code then never meets a new adapter.
+            self._hotswap_layers = hotswap_unet_layers(self._lora_layers)
+            self._adapters = HotswapAdapters(
+                self.pipe,
+                slots=max_loras_per_job,
+                target_rank=lora_max_rank,
+                layers=self._hotswap_layers,
+            )
+        else:
+            self._adapters = PipelineAdapters(self.pipe)
+        self._active_loras: tuple[tuple[str, float], ...] | None = ()
+        """The adapters in the model now; None after a failed activation (unknown)."""
+        self._activations = 0
+        self._switches = 0
+        self.acceleration = apply_acceleration(self.pipe, self.pipe.unet, options, device)
         """What dtype, attention, layout, VAE and compile settings this runner applied."""
         self.acceleration["warm_up_s"] = None
 
@@ -701,7 +772,15 @@ class SDXLPipelineRunner:
                 adapter = build_random_ip_adapter(pipe.unet, configs.image_encoder, device, dtype)
                 attach_ip_adapter(pipe, adapter)
         options = AccelerationOptions.from_settings(settings, compile_backend=compile_backend)
-        runner = cls(pipe, profile=profile, device=device, acceleration=options)
+        runner = cls(
+            pipe,
+            profile=profile,
+            device=device,
+            acceleration=options,
+            lora_cache=settings.sdxl_lora_cache,
+            lora_max_rank=settings.sdxl_lora_max_rank,
+            max_loras_per_job=settings.sdxl_max_loras_per_job,
+        )
         if runner.acceleration["compiled"] or device.type == "cuda":
             runner.warm_up()
         return runner
@@ -719,7 +798,8 @@ class SDXLPipelineRunner:
         compiled code is specialised on the IP-Adapter weights, which differ per type. Three,
         not two: two images under guidance make a batch of 4, the adapter's token count, and
         Dynamo would tie the two sizes together and recompile for every other batch size.
-        Returns the seconds taken.
+        A compiled UNet with LoRA slots runs every call twice, with its LoRA layers disabled
+        and enabled (a zero LoRA in a slot), its two variants. Returns the seconds taken.
         """
         width, height = WARM_UP_SIZE
         gradient = np.linspace(0, 255, 64, dtype=np.uint8)
@@ -748,10 +828,17 @@ class SDXLPipelineRunner:
                 "reference_type": reference_type,
             }
             batches.append([request(seed, **reference) for seed in range(3)])
+        extra: dict[str, ParsedLora] = {}
+        if isinstance(self._adapters, HotswapAdapters):
+            zero = self._adapters.warm_up_lora()
+            extra[zero.digest] = zero
+            with_lora = (LoraWeight(zero.digest, 1.0),)
+            batches += [[replace(r, loras=with_lora) for r in batch] for batch in batches]
         started = time.perf_counter()
         for batch in batches:
-            self.generate(batch)
+            self._generate([self._prepare(i, r) for i, r in enumerate(batch)], extra, None)
         elapsed = time.perf_counter() - started
+        self._activations = self._switches = 0  # the counters are about traffic
         self.acceleration["warm_up_s"] = round(elapsed, 3)
         logger.info("SDXL warm-up: %d calls in %.1f s", len(batches), elapsed)
         return elapsed
@@ -768,6 +855,7 @@ class SDXLPipelineRunner:
                 raise InvalidRequest(
                     f"request {index}: {name} must be a multiple of 8 in {MIN_SIZE}..{MAX_SIZE}"
                 )
+        self._check_loras(index, request)
         width, height = self.output_size(request.width, request.height)
         if request.reference_image is None:
             return _Prepared(index, request, width, height, None, None)
@@ -788,32 +876,151 @@ class SDXLPipelineRunner:
         image = _decode_reference(request.reference_image, index)
         return _Prepared(index, request, width, height, mode.frame(image, (width, height)), mode)
 
+    def _check_loras(self, index: int, request: ImageRequest) -> None:
+        loras = request.loras
+        if len(loras) > self.max_loras_per_job:
+            raise InvalidRequest(
+                f"request {index}: {len(loras)} LoRAs; at most {self.max_loras_per_job} per image",
+                param="loras",
+            )
+        seen: set[str] = set()
+        for lora in loras:
+            if not isinstance(lora.digest, str) or not lora.digest:
+                raise InvalidRequest(f"request {index}: a LoRA has no digest", param="loras")
+            if lora.digest in seen:
+                raise InvalidRequest(
+                    f"request {index}: LoRA {lora.digest[:12]} is named more than once",
+                    param="loras",
+                )
+            seen.add(lora.digest)
+            if not isinstance(lora.scale, int | float) or not math.isfinite(lora.scale):
+                raise InvalidRequest(
+                    f"request {index}: LoRA {lora.digest[:12]} has scale {lora.scale!r}; "
+                    "a finite number is needed",
+                    param="loras",
+                )
+
+    def _not_loaded(
+        self, requests: Sequence[ImageRequest], missing: Sequence[str]
+    ) -> LoraNotLoaded:
+        digest = missing[0]
+        index = next(i for i, r in enumerate(requests) if any(w.digest == digest for w in r.loras))
+        return LoraNotLoaded(
+            f"request {index}: LoRA {digest} is not loaded on this replica "
+            f"({len(missing)} missing; add_lora first)",
+            param="loras",
+        )
+
+    def add_lora(self, digest: str, data: bytes) -> None:
+        """Parse the ``.safetensors`` LoRA ``data`` into the CPU cache under ``digest``.
+
+        kohya and diffusers/PEFT namings load (diffusers' ``lora_state_dict`` converts them).
+        A digest already cached is not parsed again, only marked most recently used. Raises
+        LoraRejected (an InvalidRequest) when ``digest`` is not the data's sha256 or the data is
+        not an SDXL LoRA this pipeline can run (names, shapes, rank above ``lora_max_rank``;
+        with a compiled UNet, UNet layers outside the hot-swap slots: convolutions). Safe to
+        call while ``generate`` runs in another thread; it touches no model.
+        """
+
+        def parse() -> ParsedLora:
+            actual = sha256_digest(data)
+            if actual != digest:
+                raise LoraRejected(
+                    f"LoRA {digest[:12]}: the data's sha256 is {actual[:12]}, not the digest given",
+                    param="loras",
+                )
+            parsed = parse_sdxl_lora(
+                data,
+                digest=digest,
+                layers=self._lora_layers,
+                unet_config=self._unet_config,
+                dtype=self._lora_dtype,
+                max_rank=self.lora_max_rank,
+                unet_layers=self._hotswap_layers,
+                unet_layers_reason="this replica's UNet is compiled and hot-swaps LoRAs into "
+                "its Linear layers only (convolution LoRAs such as LoCon need an uncompiled "
+                "replica)",
+            )
+            return parsed.pinned() if self.device.type == "cuda" else parsed
+
+        self._loras.add(digest, parse)
+
+    def resident_loras(self) -> list[str]:
+        """Digests of the LoRAs parsed in the CPU cache, least recently used first."""
+        return self._loras.resident()
+
+    def active_loras(self) -> list[str]:
+        """Digests of the LoRAs in the model now (the last call's): a job applying these
+        loads nothing. Read without the pipeline's lock: the claim loop asks while a call
+        may run."""
+        key = self._active_loras
+        return [digest for digest, _ in key] if key else []
+
+    @property
+    def lora_stats(self) -> LoraStats:
+        """Counters: ``loads`` and ``evictions`` of the CPU cache, ``activations`` (adapters
+        put into the model) and ``switches`` (pipeline calls that changed the active set)."""
+        return LoraStats(
+            loads=self._loras.loads,
+            evictions=self._loras.evictions,
+            activations=self._activations,
+            switches=self._switches,
+        )
+
     def validate(self, requests: Sequence[ImageRequest]) -> None:
-        """Raise InvalidRequest for any request ``generate`` would reject (no model time)."""
+        """Raise InvalidRequest for any request ``generate`` would reject (no model time).
+
+        That includes a LoRA not in the CPU cache (LoraNotLoaded), without marking any used.
+        """
         for index, request in enumerate(requests):
             self._prepare(index, request)
+        missing = self._loras.missing(dict.fromkeys(w.digest for r in requests for w in r.loras))
+        if missing:
+            raise self._not_loaded(requests, missing)
 
     def generate(
         self, requests: Sequence[ImageRequest], on_step: StepCallback | None = None
     ) -> list[EncodedAsset]:
         """PNG images in request order, one batched pipeline call per group of compatible requests.
 
-        Every request is validated before any model time. ``on_step(done, total)`` counts
-        denoising steps over all groups of this call (see ``_GroupProgress`` for a call split
-        after running out of GPU memory); an exception it raises aborts the call.
+        Every request is validated before any model time, its LoRAs included (all must be in
+        the CPU cache; they are marked used). Requests share a call only when they have the
+        same LoRAs at the same scales. ``on_step(done, total)`` counts denoising steps over all
+        groups of this call (see ``_GroupProgress`` for a call split after running out of GPU
+        memory); an exception it raises aborts the call.
         """
         prepared = [self._prepare(i, r) for i, r in enumerate(requests)]
+        digests = dict.fromkeys(w.digest for r in requests for w in r.loras)
+        try:
+            # References held by this call: an eviction meanwhile cannot take them away.
+            adapters = self._loras.take(digests)
+        except KeyError as exc:
+            raise self._not_loaded(requests, exc.args[0]) from None
+        return self._generate(prepared, adapters, on_step)
+
+    def _generate(
+        self,
+        prepared: list[_Prepared],
+        adapters: dict[str, ParsedLora],
+        on_step: StepCallback | None,
+    ) -> list[EncodedAsset]:
         groups: dict[tuple[object, ...], list[_Prepared]] = {}
         for item in prepared:
             groups.setdefault(item.group_key, []).append(item)
         total = sum(group[0].denoising_steps for group in groups.values())
         pixels: dict[int, np.ndarray] = {}
         done = 0
-        with self._lock, torch.inference_mode():
-            for group in groups.values():
+        with self._lock:
+            # A group whose adapters are in the model already goes first: one switch fewer.
+            ordered = sorted(groups.values(), key=lambda g: g[0].lora_key != self._active_loras)
+            for group in ordered:
+                # Outside inference mode: adapter weights made inside it could not be
+                # updated in place later (set_adapter, hot-swapping).
+                self._activate(group[0].lora_key, adapters)
                 steps = group[0].denoising_steps
                 progress = _GroupProgress(on_step, done, total, steps, len(group))
-                images = self._run_group(group, progress)
+                with torch.inference_mode():
+                    images = self._run_group(group, progress)
                 done += steps
                 pixels.update(
                     (item.index, image) for item, image in zip(group, images, strict=True)
@@ -829,6 +1036,18 @@ class SDXLPipelineRunner:
             )
             for item in prepared
         ]
+
+    def _activate(
+        self, key: tuple[tuple[str, float], ...], adapters: dict[str, ParsedLora]
+    ) -> None:
+        """Put the adapters of ``key`` into the model at their scales (caller holds the lock)."""
+        if key == self._active_loras:
+            return
+        self._switches += 1
+        chosen: Adapters = [(adapters[digest], scale) for digest, scale in key]
+        self._active_loras = None
+        self._activations += self._adapters.activate(chosen)
+        self._active_loras = key
 
     def _run_group(self, group: list[_Prepared], progress: _GroupProgress) -> list[np.ndarray]:
         """One pipeline call for ``group``, split in halves while the GPU runs out of memory.

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LOGICAL_BUCKETS",
+    "LORAS_BUCKET",
     "MAX_KEY_BYTES",
     "REFERENCE_IMAGES_BUCKET",
     "WORKSPACE_ASSETS_BUCKET",
@@ -29,6 +30,7 @@ __all__ = [
     "asset_key",
     "attempt_key",
     "create_storage",
+    "lora_key",
     "poster_key",
     "resolve_ttl",
     "validate_location",
@@ -37,10 +39,13 @@ __all__ = [
 
 REFERENCE_IMAGES_BUCKET = "reference_images"
 WORKSPACE_ASSETS_BUCKET = "workspace_assets"
+LORAS_BUCKET = "loras"
+"""The LoRA registry's files, ``sdxl/{sha256}.safetensors``: shared by every user, by content."""
 LOGICAL_BUCKETS: tuple[str, ...] = (
     *(spec.bucket for spec in JOB_TYPES.values()),
     REFERENCE_IMAGES_BUCKET,
     WORKSPACE_ASSETS_BUCKET,
+    LORAS_BUCKET,
 )
 
 MAX_KEY_BYTES = 900
@@ -149,6 +154,11 @@ def asset_key(user_id: UUID, job_id: UUID, extension: str, index: int | None) ->
         raise InvalidRequest(f"asset index must be >= 0, got {index}")
     suffix = "" if index is None else f"_{index}"
     return f"{UUID(str(user_id))}/{UUID(str(job_id))}{suffix}.{ext}"
+
+
+def lora_key(digest: str) -> str:
+    """Where the LoRA file with this sha256 lives in ``LORAS_BUCKET``."""
+    return f"sdxl/{digest}.safetensors"
 
 
 def poster_key(video_key: str) -> str:

@@ -33,11 +33,12 @@ from ourvidz_serve.pipelines.base import (
     EnhanceResult,
     EnhanceTarget,
     ImageRequest,
+    LoraWeight,
     StepCallback,
     VideoRequest,
 )
 from ourvidz_serve.security.prompt_policy import PromptPolicy
-from ourvidz_serve.storage import REFERENCE_IMAGES_BUCKET, Storage
+from ourvidz_serve.storage import LORAS_BUCKET, REFERENCE_IMAGES_BUCKET, Storage, lora_key
 
 logger = logging.getLogger(__name__)
 
@@ -104,8 +105,29 @@ class JobHandler(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class HeldAdapters:
+    active: list[str]
+    """Content digests of the LoRAs in the pipeline now: a job with these loads nothing."""
+    cached: list[str]
+    """Content digests of the LoRAs parsed in CPU memory: a job with these downloads nothing."""
+
+
+@runtime_checkable
+class AdapterHolder(Protocol):
+    """A handler whose runner keeps LoRAs: claims may prefer jobs whose LoRAs it holds."""
+
+    def held_adapters(self) -> HeldAdapters: ...
+
+
 class SDXLRunnerLike(Protocol):
     def validate(self, requests: Sequence[ImageRequest]) -> None: ...
+
+    def add_lora(self, digest: str, data: bytes) -> None: ...
+
+    def resident_loras(self) -> list[str]: ...
+
+    def active_loras(self) -> list[str]: ...
 
     def generate(
         self, requests: Sequence[ImageRequest], on_step: StepCallback | None = None
@@ -149,6 +171,7 @@ class SDXLJobHandler:
         self._runner = runner
         self._storage = storage
         self._metrics = metrics
+        self._lora_names: dict[str, str] = {}
 
     async def run(
         self, jobs: Sequence[JobRecord], control: RunControl = NO_CONTROL
@@ -161,6 +184,7 @@ class SDXLJobHandler:
                 continue
             try:
                 requests = await self._requests(job)
+                await self._hold_loras(requests)
                 await asyncio.to_thread(self._runner.validate, requests)
             except Exception as exc:  # noqa: BLE001 - the exception is this job's outcome
                 results[position] = exc
@@ -191,6 +215,30 @@ class SDXLJobHandler:
                     offset += len(requests)
         return [result for result in results if result is not None]
 
+    def held_adapters(self) -> HeldAdapters:
+        return HeldAdapters(self._runner.active_loras(), self._runner.resident_loras())
+
+    def resident_loras(self) -> list[dict[str, str | None]]:
+        """The LoRAs the runner holds, least recently used first, with the registry names
+        jobs gave them (None for one held before this handler saw its name)."""
+        return [
+            {"digest": digest, "name": self._lora_names.get(digest)}
+            for digest in self._runner.resident_loras()
+        ]
+
+    async def _hold_loras(self, requests: Sequence[ImageRequest]) -> None:
+        """Fetch and hand the runner the LoRAs it does not hold yet (batch-mates share theirs,
+        so a claimed batch loads each at most once)."""
+        needed = dict.fromkeys(lora.digest for request in requests for lora in request.loras)
+        if not needed:
+            return
+        held = set(self._runner.resident_loras())
+        for digest in needed:
+            if digest not in held:
+                data = await self._storage.get(LORAS_BUCKET, lora_key(digest))
+                # Parsing (and, on a GPU, pinning) is CPU work: off the event loop.
+                await asyncio.to_thread(self._runner.add_lora, digest, data)
+
     async def _requests(self, job: JobRecord) -> list[ImageRequest]:
         meta = job.metadata
         reference = None
@@ -198,6 +246,11 @@ class SDXLJobHandler:
             reference = await self._storage.get(
                 REFERENCE_IMAGES_BUCKET, meta["reference_image_key"]
             )
+        loras = tuple(
+            LoraWeight(digest=str(lora["digest"]), scale=float(lora["scale"]))
+            for lora in meta.get("loras", [])
+        )
+        self._lora_names.update((lora["digest"], lora["name"]) for lora in meta.get("loras", []))
         return [
             ImageRequest(
                 prompt=job.prompt,
@@ -210,6 +263,7 @@ class SDXLJobHandler:
                 reference_image=reference,
                 reference_strength=float(meta.get("reference_strength", 0.7)),
                 reference_type=ReferenceType(meta.get("reference_type", ReferenceType.STYLE)),
+                loras=loras,
             )
             for asset in job.assets
         ]

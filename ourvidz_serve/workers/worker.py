@@ -41,6 +41,7 @@ from ourvidz_serve.domain import JobStatus
 from ourvidz_serve.errors import DatabaseUnavailable, OurVidzError, StorageError
 from ourvidz_serve.observability.metrics import NO_METRICS, Metrics
 from ourvidz_serve.persistence.repository import (
+    AdapterAffinity,
     AssetCompletion,
     AssetRecord,
     JobRecord,
@@ -50,6 +51,7 @@ from ourvidz_serve.pipelines.base import EncodedAsset
 from ourvidz_serve.settings import Settings
 from ourvidz_serve.storage import Storage, attempt_key
 from ourvidz_serve.workers.handlers import (
+    AdapterHolder,
     Generated,
     JobCancelled,
     JobHandler,
@@ -86,6 +88,11 @@ class WorkerConfig:
     gpu_share: float = 1.0
     """The replica's share of a GPU: what one second of its pipeline calls costs in GPU
     seconds (quotas charge measured time times it)."""
+    affinity_max_wait_s: float = 0.0
+    """Longest a job waits because claims prefer jobs whose LoRAs this replica holds (0: no
+    preference, plain fair order)."""
+    affinity_window: int = 16
+    """Jobs at the head of fair order that preference looks at."""
 
     @classmethod
     def for_queue(cls, settings: Settings, queue: Queue) -> WorkerConfig:
@@ -109,6 +116,9 @@ class WorkerConfig:
             record_retry_s=settings.record_retry_s,
             loop_restart_max_s=settings.loop_restart_max_s,
             loop_stall_s=settings.loop_stall_s,
+            # Only SDXL jobs apply LoRAs.
+            affinity_max_wait_s=settings.lora_affinity_max_wait_s if queue is Queue.SDXL else 0,
+            affinity_window=settings.lora_affinity_window,
         )
 
     @property
@@ -270,7 +280,11 @@ class QueueWorker:
             self._wake.clear()
             if self._calls < config.max_calls:
                 jobs = await self._repository.claim_jobs(
-                    config.queue, config.units_per_claim, self.worker_id, config.lease_s
+                    config.queue,
+                    config.units_per_claim,
+                    self.worker_id,
+                    config.lease_s,
+                    self._affinity(),
                 )
                 beat()
                 if jobs:
@@ -280,6 +294,18 @@ class QueueWorker:
                 beat()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=config.poll_interval_s)
+
+    def _affinity(self) -> AdapterAffinity | None:
+        """What this claim may prefer: jobs whose LoRAs the handler's runner holds."""
+        if self._config.affinity_max_wait_s <= 0 or not isinstance(self._handler, AdapterHolder):
+            return None
+        held = self._handler.held_adapters()
+        return AdapterAffinity(
+            active=held.active,
+            cached=held.cached,
+            max_wait_s=self._config.affinity_max_wait_s,
+            window=self._config.affinity_window,
+        )
 
     def _start_batch(self, jobs: list[JobRecord]) -> None:
         units = sum(job.units for job in jobs)

@@ -12,15 +12,37 @@
 -- transaction of several round trips: the queue's capacity is mostly round trips.
 
 -- name: claim_jobs
--- The first queued job of a queue in fair order (smallest virtual start; see migration 0008)
--- and the later jobs that can share its pipeline call, in fair order, while they fit in $2 free
--- units. The head must fit, so later small jobs never starve a big one.
--- $1 queue, $2 free units, $3 worker id, $4 lease seconds.
+-- A queued job near the head of fair order (migration 0008), preferring one whose LoRAs the
+-- replica holds (0009), and the later jobs that can share its pipeline call, in fair order,
+-- while they fit in $2 free units. The head must fit, so later small jobs never starve a big one.
+-- $1 queue, $2 free units, $3 worker id, $4 lease seconds, $5 active adapters (or NULL),
+-- $6 the affinity's longest wait in seconds, $7 the window, $8 cached adapters.
 WITH head AS (
+    -- Adapter affinity, Serve's model multiplexing done in the pull queue: among the first $7
+    -- jobs in fair order, the first whose LoRAs are active in the replica's pipeline ($5:
+    -- nothing to load; a job with none needs none), then the first whose LoRAs are in its CPU
+    -- cache ($8: no download), then the fair head. A job waiting $6 seconds since submission
+    -- counts as active: it takes its fair place again. $5 NULL: plain fair order. The window is
+    -- an array of ids from one index scan of at most $7 entries on jobs_fair_idx, looked up on
+    -- the primary key (a join with it may plan as a scan of the whole queue). Locked after the
+    -- sort: SKIP LOCKED passes over a job another replica is claiming, and the status is
+    -- checked again on the locked row.
     SELECT id, batch_key, units
       FROM jobs
-     WHERE status = 'queued' AND queue = $1
-     ORDER BY virtual_start, id
+     WHERE id = ANY (ARRAY(SELECT id
+                             FROM jobs
+                            WHERE status = 'queued' AND queue = $1
+                            ORDER BY virtual_start, id
+                            LIMIT $7))
+       AND status = 'queued'
+     ORDER BY CASE
+                WHEN coalesce(adapters <@ $5::text[], true)
+                  OR created_at <= clock_timestamp() - make_interval(secs => $6::float8)
+                THEN 0
+                WHEN adapters <@ $8::text[] THEN 1
+                ELSE 2
+              END,
+              virtual_start, id
      LIMIT 1
        FOR UPDATE SKIP LOCKED
 ), candidates AS (
@@ -267,7 +289,7 @@ SELECT coalesce(sum(units), 0)::bigint
 -- $1 id, $2 user id, $3 job type, $4 format, $5 quality, $6 model type, $7 queue, $8 metadata,
 -- $9 project id, $10 video id, $11 image id, $12 idempotency key, $13 request hash,
 -- $14 notify channel, $15 batch key, $16 units, $17 owes a callback, $18 tier,
--- $19 expected cost (GPU seconds), $20 the tier's weight.
+-- $19 expected cost (GPU seconds), $20 the tier's weight, $21 the LoRAs' content digests.
 WITH clock AS (
     -- The smallest virtual start in service (the few processing rows, on
     -- jobs_processing_idx: not a batch-mate far ahead in fair order that joined the head's
@@ -297,9 +319,9 @@ WITH clock AS (
 ), inserted AS (
     INSERT INTO jobs (id, user_id, job_type, format, quality, model_type, queue, metadata,
                       project_id, video_id, image_id, idempotency_key, request_hash, batch_key,
-                      units, owes_callback, tier, cost_s, virtual_start)
+                      units, owes_callback, tier, cost_s, virtual_start, adapters)
     SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $15, $16, $17, $18, $19,
-           share.virtual_start
+           share.virtual_start, $21::text[]
       FROM share
     ON CONFLICT (user_id, idempotency_key) WHERE idempotency_key IS NOT NULL
     DO NOTHING

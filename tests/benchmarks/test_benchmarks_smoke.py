@@ -25,7 +25,14 @@ NEEDS_RAY = {
     "tiny_latency.py",
 }
 # Run below, each at a size that takes seconds.
-SMOKED = {"queue_cost.py", "fairness.py", "flops.py", "gpu_full_random.py", "wan_step_cache.py"}
+SMOKED = {
+    "queue_cost.py",
+    "fairness.py",
+    "flops.py",
+    "gpu_full_random.py",
+    "lora_switching.py",
+    "wan_step_cache.py",
+}
 
 
 def run_benchmark(script: str, *args: str, timeout: float = 120) -> str:
@@ -82,11 +89,13 @@ def test_queue_cost(database_url: str):
         "reap_expired_leases (5)",
         "list_jobs (user, page 1)",
         "queued_units (sdxl)",
-        "Index Scan using jobs_fair_idx",
+        "Index Only Scan using jobs_fair_idx",
         "workers    jobs   seconds    jobs/s  client CPU  server CPU  machine CPU",
         "where it goes",
         "sessions:",
     )
+    # The claim's plans, generic ones included, never scan the whole queue.
+    assert "Seq Scan on jobs" not in output
     capacity = output.split("machine CPU\n")[1].splitlines()
     assert [line.split()[:2] for line in capacity[:2]] == [["1", "60"], ["4", "60"]]
 
@@ -109,6 +118,29 @@ def test_fairness(database_url: str):
     for scenario in ("together", "staggered"):
         for order in ("FIFO", "fair"):
             assert [scenario, order] in rows
+
+
+def test_lora_switching(database_url: str):
+    with new_database_sync(database_url, "bench_lora_switching") as dsn:
+        output = run_benchmark(
+            "lora_switching.py",
+            "--database-url",
+            dsn,
+            "--jobs",
+            "4",
+            "--adapters",
+            "2",
+            "--intervals",
+            "0",
+            timeout=240,
+        )
+    assert_lines(output, "calls", "activations", "adapter-aware / plain: calls")
+    for label in ("plain fair order", "adapter-aware"):
+        [row] = [line.split() for line in output.splitlines() if f"0  {label}  " in line]
+        calls, downloads = int(row[-6]), int(row[-5])
+        # Each adapter is downloaded once into the cache; 4 one-image jobs of 2 adapters
+        # need at least 2 calls (one per adapter) and at most 4.
+        assert downloads == 2 and 2 <= calls <= 4
 
 
 def test_flops():

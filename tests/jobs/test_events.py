@@ -11,6 +11,7 @@ import pytest
 from ourvidz_serve.jobs import service as service_module
 from ourvidz_serve.jobs.events import SUBSCRIBER_QUEUE_SIZE, JobEventHub
 from ourvidz_serve.jobs.limits import RateLimiter
+from ourvidz_serve.jobs.loras import LoraService
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.principal import Principal
 from ourvidz_serve.jobs.protocol import JobRequest
@@ -59,6 +60,7 @@ async def test_a_stream_whose_events_were_lost_still_ends_by_reading_the_job(
         repository,
         storage,
         references=ReferenceService(storage, fetcher, max_bytes=1024, max_pixels=1024),
+        loras=LoraService(repository, storage, max_rank=4, max_bytes=1024, max_per_job=1),
         policy=PromptPolicy(),
         limiter=RateLimiter(
             repository, per_key_per_s=0, per_key_burst=1, per_user_per_s=0, per_user_burst=1

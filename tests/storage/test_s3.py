@@ -10,7 +10,7 @@ from botocore.exceptions import BotoCoreError
 
 from ourvidz_serve.errors import StorageError
 from ourvidz_serve.settings import Settings, StorageBackend
-from ourvidz_serve.storage import create_storage
+from ourvidz_serve.storage import LOGICAL_BUCKETS, create_storage
 from ourvidz_serve.storage.s3 import S3Storage, real_location
 from tests.moto_server import closed_loopback_url
 
@@ -30,7 +30,7 @@ def test_a_template_with_bucket_gives_one_real_bucket_per_logical_bucket() -> No
         "u/j_0.png",
     )
     storage = S3Storage("ourvidz-{bucket}")
-    assert len(storage.real_buckets) == 12
+    assert len(storage.real_buckets) == len(LOGICAL_BUCKETS)
     assert all("_" not in name for name in storage.real_buckets)
 
 

@@ -47,9 +47,9 @@ async def download(storage: Storage, url: str) -> bytes:
     return response.content
 
 
-def test_logical_buckets_are_the_job_types_plus_references_and_workspace() -> None:
-    assert set(LOGICAL_BUCKETS) == {*JOB_TYPES, "reference_images", "workspace_assets"}
-    assert len(LOGICAL_BUCKETS) == 12
+def test_logical_buckets_are_the_job_types_plus_references_workspace_and_loras() -> None:
+    assert set(LOGICAL_BUCKETS) == {*JOB_TYPES, "reference_images", "workspace_assets", "loras"}
+    assert len(LOGICAL_BUCKETS) == 13
 
 
 async def test_put_then_get_returns_the_same_bytes(storage: Storage) -> None:

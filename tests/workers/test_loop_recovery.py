@@ -226,7 +226,7 @@ async def test_the_claim_loop_claims_again_after_its_statement_is_cancelled(
     handler = HeldHandler()
     async with worker(repository, local_storage, handler, settings, **FAST_LOOPS) as w:
         async with locked(pool, "jobs"):
-            await cancel_waiting_statement(pool, "candidates AS")
+            await cancel_waiting_statement(pool, "WITH head AS")
         await eventually(lambda: restarted(w, "claim"), 5, "the claim loop failed once")
         job, _ = await repository.insert_job(plan())
         [claimed] = await asyncio.wait_for(handler.claimed.get(), timeout=10)

@@ -500,6 +500,17 @@ class PausingRunner:
     def validate(self, requests: Any) -> None:
         self._runner.validate(requests)
 
+    # The SDXL runner's LoRA cache, as it is (only what SDXLJobHandler calls: a handler picks
+    # its path by the methods a runner has).
+    def add_lora(self, digest: str, data: bytes) -> None:
+        self._runner.add_lora(digest, data)
+
+    def resident_loras(self) -> list[str]:
+        return list(self._runner.resident_loras())
+
+    def active_loras(self) -> list[str]:
+        return list(self._runner.active_loras())
+
     def generate(self, request: Any, on_step: Any = None) -> Any:
         def step(done: int, total: int) -> None:
             self.steps.append((done, total))

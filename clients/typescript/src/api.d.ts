@@ -170,6 +170,53 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/loras": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * List Loras
+         * @description The live registry: what a job may name.
+         */
+        get: operations["list_loras_v1_loras_get"];
+        put?: never;
+        /**
+         * Upload Lora
+         * @description Service key only. The file is checked by its header (safetensors, SDXL UNet or
+         *     text-encoder LoRA names in kohya or diffusers naming, rank, dtype, size) before anything
+         *     is stored; every refusal is a 422 naming its reason.
+         */
+        post: operations["upload_lora_v1_loras_post"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/loras/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        post?: never;
+        /**
+         * Delete Lora
+         * @description Service key only. Retires the name: jobs already queued with it still run; new jobs
+         *     naming it get 422. The name may be uploaded again.
+         */
+        delete: operations["delete_lora_v1_loras__name__delete"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/enhance": {
         parameters: {
             query?: never;
@@ -471,6 +518,19 @@ export interface components {
             /** Completed At */
             completed_at: string | null;
         };
+        /** Body_upload_lora_v1_loras_post */
+        Body_upload_lora_v1_loras_post: {
+            /**
+             * File
+             * @description An SDXL LoRA as .safetensors
+             */
+            file: string;
+            /**
+             * Name
+             * @description The name jobs will give in loras[].name
+             */
+            name: string;
+        };
         /** Body_upload_reference_v1_references_post */
         Body_upload_reference_v1_references_post: {
             /**
@@ -736,6 +796,11 @@ export interface components {
             metadata?: {
                 [key: string]: unknown;
             };
+            /**
+             * Loras
+             * @description SDXL job types: LoRAs of the registry and their scales, applied in order
+             */
+            loras?: components["schemas"]["LoraChoice"][];
             /** @description Service tier (fair share and quota): any with a service key; a user's token sets theirs (its 'tier' claim, else standard), which the body may only lower */
             tier?: components["schemas"]["Tier"] | null;
         };
@@ -858,6 +923,58 @@ export interface components {
             allowed_num_images: number[];
             /** Expected Time S */
             expected_time_s: number;
+        };
+        /**
+         * LoraChoice
+         * @description One LoRA of the registry applied to an SDXL job.
+         */
+        LoraChoice: {
+            /**
+             * Name
+             * @description A name from GET /v1/loras
+             */
+            name: string;
+            /**
+             * Scale
+             * @default 1
+             */
+            scale?: number;
+        };
+        /** LoraList */
+        LoraList: {
+            /** Data */
+            data: components["schemas"]["LoraResource"][];
+        };
+        /** LoraResource */
+        LoraResource: {
+            /** Name */
+            name: string;
+            /**
+             * Digest
+             * @description sha256 of the file: what jobs record and replicas cache
+             */
+            digest: string;
+            /** Rank */
+            rank: number;
+            /** Size Bytes */
+            size_bytes: number;
+            /**
+             * Format
+             * @description Tensor naming of the file: kohya or diffusers
+             */
+            format: string;
+            /** Dtype */
+            dtype: string;
+            /**
+             * Targets
+             * @description unet, text_encoder, text_encoder_2
+             */
+            targets: string[];
+            /**
+             * Created At
+             * Format: date-time
+             */
+            created_at: string;
         };
         /** ModelList */
         ModelList: {
@@ -1152,6 +1269,7 @@ export interface components {
 }
 export type AssetKind = components['schemas']['AssetKind'];
 export type AssetResource = components['schemas']['AssetResource'];
+export type BodyUploadLoraV1LorasPost = components['schemas']['Body_upload_lora_v1_loras_post'];
 export type BodyUploadReferenceV1ReferencesPost = components['schemas']['Body_upload_reference_v1_references_post'];
 export type CallbackAttempt = components['schemas']['CallbackAttempt'];
 export type CallbackDelivery = components['schemas']['CallbackDelivery'];
@@ -1171,6 +1289,9 @@ export type JobResource = components['schemas']['JobResource'];
 export type JobStatus = components['schemas']['JobStatus'];
 export type JobType = components['schemas']['JobType'];
 export type JobTypeResource = components['schemas']['JobTypeResource'];
+export type LoraChoice = components['schemas']['LoraChoice'];
+export type LoraList = components['schemas']['LoraList'];
+export type LoraResource = components['schemas']['LoraResource'];
 export type ModelList = components['schemas']['ModelList'];
 export type ModelObject = components['schemas']['ModelObject'];
 export type OpenAiError = components['schemas']['OpenAIError'];
@@ -1883,6 +2004,246 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    list_loras_v1_loras_get: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraList"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    upload_lora_v1_loras_post: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "multipart/form-data": components["schemas"]["Body_upload_lora_v1_loras_post"];
+            };
+        };
+        responses: {
+            /** @description Successful Response */
+            201: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraResource"];
+                };
+            };
+            /** @description The body cannot be parsed (not JSON, or nested too deeply) */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Conflict with an earlier request */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The request body is larger than allowed */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The request is invalid; the message says why */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
+            429: {
+                headers: {
+                    /** @description Seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The service is starting or its database is unavailable */
+            503: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    delete_lora_v1_loras__name__delete: {
+        parameters: {
+            query?: never;
+            header?: {
+                authorization?: string | null;
+            };
+            path: {
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description Successful Response */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["LoraResource"];
+                };
+            };
+            /** @description No credential, or an invalid one */
+            401: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description The credential may not do this */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description No such resource (or it belongs to another user) */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+            /** @description Validation Error */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HTTPValidationError"];
                 };
             };
             /** @description Rate limit (rate_limited), queued-jobs cap (too_many_queued_jobs) or GPU-time quota (quota_exhausted) reached; see the Retry-After header */
