@@ -37,6 +37,7 @@ import asyncpg
 from ourvidz_serve.catalog import Queue
 from ourvidz_serve.jobs.planning import plan_job
 from ourvidz_serve.jobs.protocol import JobRequest
+from ourvidz_serve.observability.metrics import IMAGES_PER_CALL, Metrics, PrometheusBackend
 from ourvidz_serve.persistence.database import open_database
 from ourvidz_serve.persistence.repository import JobRepository
 from ourvidz_serve.pipelines.lora import random_sdxl_lora, sha256_digest
@@ -60,21 +61,6 @@ class ArmResult:
     max_wait_s: float
 
 
-class CountingRunner:
-    """The runner, counting its pipeline calls (one ``generate`` is one claimed batch)."""
-
-    def __init__(self, runner: SDXLPipelineRunner) -> None:
-        self.runner = runner
-        self.calls = 0
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.runner, name)
-
-    def generate(self, *args: object, **kwargs: object) -> object:
-        self.calls += 1
-        return self.runner.generate(*args, **kwargs)  # type: ignore[arg-type]
-
-
 async def run_arm(
     settings: Settings,
     pool: asyncpg.Pool,
@@ -87,13 +73,16 @@ async def run_arm(
     storage = create_storage(settings)
     await storage.start()
     runner = await asyncio.to_thread(SDXLPipelineRunner.build, settings)
-    counting = CountingRunner(runner)
+    # The handler's own per-call metric counts the pipeline calls (one per claimed batch).
+    backend = PrometheusBackend()
+    metrics = Metrics(backend)
     worker = QueueWorker(
         repository,
         storage,
-        SDXLJobHandler(counting, storage),  # type: ignore[arg-type]
+        SDXLJobHandler(runner, storage, metrics),
         WorkerConfig.for_queue(settings, Queue.SDXL),
         "lora-switching",
+        metrics,
     )
     started = time.monotonic()
     job_ids = []
@@ -134,7 +123,10 @@ async def run_arm(
     ]
     stats = runner.lora_stats
     return ArmResult(
-        calls=counting.calls,
+        calls=int(
+            backend.registry.get_sample_value(f"{IMAGES_PER_CALL.name}_count", {"model": "sdxl"})
+            or 0
+        ),
         downloads=stats.loads,
         activations=stats.activations,
         switches=stats.switches,

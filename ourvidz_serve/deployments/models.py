@@ -16,7 +16,7 @@ import os
 import socket
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import ray
 from ray import serve
@@ -38,6 +38,10 @@ from ourvidz_serve.workers.handlers import JobHandler, SDXLJobHandler
 from ourvidz_serve.workers.retention import RetentionSweeper
 from ourvidz_serve.workers.supervision import HealthCheck, ReplicaUnhealthy, Supervisor
 from ourvidz_serve.workers.worker import QueueWorker, WorkerConfig
+
+if TYPE_CHECKING:
+    # Imported by the replica itself (torch and diffusers load there, not in the ingress).
+    from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
 
 
 def _worker_id(deployment: str) -> str:
@@ -142,6 +146,7 @@ class SDXLDeployment(_QueueWorkerReplica):
     """SDXL text-to-image and image-to-image; one pipeline call per claimed batch."""
 
     _deployment, _queue = "SDXL", Queue.SDXL
+    _sdxl: SDXLPipelineRunner
 
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         from ourvidz_serve.pipelines.sdxl import SDXLPipelineRunner
@@ -149,8 +154,7 @@ class SDXLDeployment(_QueueWorkerReplica):
         runner, self._gpu_share = await asyncio.to_thread(
             build_checked, self._deployment, settings, SDXLPipelineRunner.build
         )
-        self._runner = runner
-        self._lora_stats = lambda: runner.lora_stats.as_dict()
+        self._runner = self._sdxl = runner
 
         def handler(storage: Storage, metrics: Metrics) -> SDXLJobHandler:
             self._handler = SDXLJobHandler(runner, storage, metrics)
@@ -162,7 +166,8 @@ class SDXLDeployment(_QueueWorkerReplica):
         """The replica's report, with the LoRAs it holds (``/readyz`` lists them)."""
         handler: SDXLJobHandler | None = getattr(self, "_handler", None)
         resident = handler.resident_loras() if handler is not None else []
-        return super().ready() | {"loras": {"resident": resident, **self._lora_stats()}}
+        stats = self._sdxl.lora_stats.as_dict()
+        return super().ready() | {"loras": {"resident": resident, **stats}}
 
 
 @serve.deployment(name="WAN")

@@ -37,16 +37,8 @@ class LoraResource(BaseModel):
 
     @classmethod
     def of(cls, record: LoraRecord) -> LoraResource:
-        return cls(
-            name=record.name,
-            digest=record.digest,
-            rank=record.rank,
-            size_bytes=record.size_bytes,
-            format=record.format,
-            dtype=record.dtype,
-            targets=record.targets,
-            created_at=record.created_at,
-        )
+        """The registry row as the API shows it (who uploaded it and storage stay inside)."""
+        return cls.model_validate(record, from_attributes=True)
 
 
 class LoraList(BaseModel):
